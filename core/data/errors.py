@@ -1,0 +1,27 @@
+"""Errors raised while reading a dataset: each one names the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded. `str()` is a one-line message fit for a CLI or an HTTP body."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.file = str(file) if file is not None else None
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = []
+        if self.file is not None:
+            where.append(Path(self.file).name if len(str(self.file)) > 120 else self.file)
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "message": self.reason}

@@ -1,0 +1,412 @@
+"""Dataset loaders: each layout on small hand-made files, the two splits, fingerprints across layouts,
+error locations for malformed files, and the real Games folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from core.data import DataError, RecDataset, detect_format, load_dataset
+from core.data.dealrec_layout import load_dealrec_layout
+from core.data.interactions import load_interaction_log
+from core.data.recbole import load_recbole
+
+GAMES = Path(__file__).resolve().parents[1].parent / "shared/datasets/games"
+
+Files = dict[str, "str | bytes | None | Callable[[Path], None]"]
+
+
+def write_files(folder: Path, base: Files, overrides: Files | None = None) -> Path:
+    """Write `base` updated by `overrides` into `folder`: text, bytes, a writer callable, or None (omit)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in {**base, **(overrides or {})}.items():
+        if content is None:
+            continue
+        if callable(content):
+            content(folder / name)
+        elif isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            (folder / name).write_text(content, encoding="utf-8", newline="")
+    return folder
+
+
+def parquet_writer(columns: dict[str, list]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), path)
+    return write
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def parts(ds: RecDataset) -> tuple:
+    return ds.user_ids, ds.train, ds.valid, ds.test
+
+
+# ---------------------------------------------------------------------------------------------------
+# DEALRec layout
+
+DEALREC: Files = {
+    "items.tsv": 'item_id\tsource_item_id\ttitle\n1\tA1\tAlpha\n2\tB2\t"Beta ""Deluxe"""\n'
+                 "3\tC3\t  Gamma  \n4\tD4\tDelta\n5\tE5\tEpsilon\n",
+    "users.tsv": "user_id\tsource_user_id\n1\tU1\n2\tU2\n3\tU3\n",
+    "sequential_train.txt": "1 1 2 3\n2 2\n3 1\n",
+    "sequential_valid.txt": "1 4\n2\n3\n",
+    "sequential_test.txt": "1 5\n2 3\n3\n",
+}
+DEALREC_TITLES = ("Alpha", 'Beta "Deluxe"', "Gamma", "Delta", "Epsilon")
+DEALREC_PARTS = (("U1", "U2", "U3"), ((1, 2, 3), (2,), (1,)), ((4,), (), ()), ((5,), (3,), ()))
+
+
+def test_dealrec_layout_loads_users_items_and_parts(tmp_path: Path) -> None:
+    ds = load_dealrec_layout(write_files(tmp_path, DEALREC))
+    assert ds.item_ids == ("A1", "B2", "C3", "D4", "E5")
+    assert ds.item_titles == DEALREC_TITLES
+    assert parts(ds) == DEALREC_PARTS
+    assert (ds.history(0), ds.target(0)) == ((1, 2), 3)
+
+
+def test_dealrec_layout_without_users_file_uses_numeric_ids(tmp_path: Path) -> None:
+    ds = load_dealrec_layout(write_files(tmp_path, DEALREC, {"users.tsv": None}))
+    assert ds.user_ids == ("1", "2", "3")
+
+
+def test_dealrec_layout_renumbers_sparse_item_ids_in_id_order(tmp_path: Path) -> None:
+    ds = load_dealrec_layout(write_files(tmp_path, DEALREC, {
+        "items.tsv": "item_id\tsource_item_id\ttitle\n30\tC\tGamma\n10\tA\tAlpha\n20\tB\tBeta\n",
+        "sequential_train.txt": "1 10 30\n2 20\n3 10\n",
+        "sequential_valid.txt": "1 20\n2\n3\n",
+        "sequential_test.txt": "1\n2 30\n3\n",
+    }))
+    assert ds.item_ids == ("A", "B", "C")
+    assert ds.train == ((1, 3), (2,), (1,))
+    assert ds.valid == ((2,), (), ())
+    assert ds.test == ((), (3,), ())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interaction logs: the two splits on one known log
+
+LOG_ROWS = [  # user, item, timestamp; row order matters for ties (rows 5 and 6, rows 10 and 11 by user)
+    ("u1", "i1", 1), ("u2", "i2", 2), ("u1", "i3", 3), ("u3", "i1", 10), ("u2", "i4", 4),
+    ("u1", "i2", 5), ("u2", "i1", 5), ("u4", "i5", 6), ("u1", "i4", 7), ("u2", "i3", 8),
+    ("u5", "i6", 0.5), ("u5", "i2", 9),
+]
+ITEM_ROWS = [("i1", "One"), ("i2", "Two"), ("i3", "Three"), ("i4", "Four"), ("i5", "Five"),
+             ("i6", "Six"), ("i7", "Never seen")]
+# 12 interactions: 9 train, 1 valid, 2 test; u3's only interaction is the last (test): dropped.
+CHRONO = (("u1", "u2", "u4", "u5"), ((1, 3, 2, 4), (2, 4, 1), (5,), (6,)), ((), (3,), (), ()),
+          ((), (), (), (2,)))
+LOO = (("u1", "u2", "u3", "u4", "u5"), ((1, 3), (2, 4), (1,), (5,), (6,)), ((2,), (1,), (), (), ()),
+       ((4,), (3,), (), (), (2,)))
+
+
+def log_files(fmt: str) -> Files:
+    """The known log and its items table, both in format `fmt`."""
+    log_cols = {"user_id": [r[0] for r in LOG_ROWS], "item_id": [r[1] for r in LOG_ROWS],
+                "timestamp": [float(r[2]) for r in LOG_ROWS], "rating": [4.0] * len(LOG_ROWS)}
+    item_cols = {"item_id": [r[0] for r in ITEM_ROWS], "title": [r[1] for r in ITEM_ROWS]}
+    if fmt == "parquet":
+        return {"interactions.parquet": parquet_writer(log_cols), "items.parquet": parquet_writer(item_cols)}
+    if fmt == "jsonl":
+        return {"interactions.jsonl": jsonl([dict(zip(log_cols, v)) for v in zip(*log_cols.values())]),
+                "items.jsonl": jsonl([dict(zip(item_cols, v)) for v in zip(*item_cols.values())])}
+    sep = "," if fmt == "csv" else "\t"
+    log_text = f"user_id{sep}item_id{sep}rating{sep}timestamp\n" + "".join(
+        f"{u}{sep}{i}{sep}4{sep}{t}\n" for u, i, t in LOG_ROWS)
+    items_text = f"item_id{sep}title\n" + "".join(f"{i}{sep}{t}\n" for i, t in ITEM_ROWS)
+    return {f"interactions.{fmt}": log_text, f"items.{fmt}": items_text}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+@pytest.mark.parametrize("split, expected", [("chrono", CHRONO), ("loo", LOO)])
+def test_interaction_log_splits(tmp_path: Path, fmt: str, split: str, expected: tuple) -> None:
+    folder = write_files(tmp_path, log_files(fmt))
+    ds = load_interaction_log(folder / f"interactions.{fmt}", folder / f"items.{fmt}", split=split)
+    assert parts(ds) == expected
+    assert ds.item_ids == tuple(r[0] for r in ITEM_ROWS)  # table order, unseen item kept
+    assert ds.item_titles == tuple(r[1] for r in ITEM_ROWS)
+    assert load_dataset(folder, split=split).fingerprint == ds.fingerprint
+
+
+def test_same_log_in_every_format_has_one_fingerprint(tmp_path: Path) -> None:
+    prints = {load_dataset(write_files(tmp_path / fmt, log_files(fmt))).fingerprint
+              for fmt in ("csv", "tsv", "jsonl", "parquet")}
+    assert len(prints) == 1
+
+
+def test_iso_timestamps_order_like_numbers(tmp_path: Path) -> None:
+    """ISO-8601 strings (with Z, offsets, or naive = UTC) order like the epoch seconds they denote."""
+    rows = [{"user_id": 1, "item_id": "a", "timestamp": "2020-01-01T00:00:10Z"},
+            {"user_id": 1, "item_id": "b", "timestamp": "2020-01-01T01:00:05+01:00"},  # 00:00:05Z
+            {"user_id": 1, "item_id": "c", "timestamp": 1577836815},  # 00:00:15Z
+            {"user_id": "1", "item_id": "d", "timestamp": "2020-01-01 00:00:20"}]
+    folder = write_files(tmp_path, {"interactions.jsonl": jsonl(rows),
+                                    "items.csv": "item_id,title\na,A\nb,B\nc,C\nd,D\n"})
+    ds = load_dataset(folder, split="loo")
+    assert parts(ds) == (("1",), ((2, 1),), ((3,),), ((4,),))
+
+
+def test_titles_are_cleaned_and_multiline_records_keep_physical_line_numbers(tmp_path: Path) -> None:
+    items = 'item_id,title\ni1," Two\nLines\there "\ni1,Again\n'
+    folder = write_files(tmp_path, {"interactions.csv": "user_id,item_id,timestamp\nu,i1,1\n",
+                                    "items.csv": items})
+    with pytest.raises(DataError) as info:
+        load_dataset(folder)
+    assert (info.value.line, info.value.field) == (4, "item_id")
+    (folder / "items.csv").write_text(items.replace("i1,Again", "i2,Again"), encoding="utf-8")
+    assert load_dataset(folder, split="loo").item_titles == ("Two Lines here", "Again")
+
+
+def test_chrono_split_that_leaves_no_sample_is_refused(tmp_path: Path) -> None:
+    folder = write_files(tmp_path, {"interactions.csv": "user_id,item_id,timestamp\nu,i1,1\n",
+                                    "items.csv": "item_id,title\ni1,One\n"})
+    with pytest.raises(DataError, match="no user has a training interaction"):
+        load_dataset(folder, split="chrono")
+    assert load_dataset(folder, split="loo").train == ((1,),)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RecBole
+
+RECBOLE_INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+    f"{u}\t{i}\t4\t{t}\n" for u, i, t in LOG_ROWS)
+
+
+@pytest.mark.parametrize("title_header", ["title:token_seq", "title:token", "movie_title:token_seq"])
+def test_recbole_matches_the_equivalent_interaction_log(tmp_path: Path, title_header: str) -> None:
+    item_text = f"item_id:token\t{title_header}\tyear:token\n" + "".join(
+        f"{i}\t{t}\t1999\n" for i, t in ITEM_ROWS)
+    folder = write_files(tmp_path / "toy", {"toy.inter": RECBOLE_INTER, "toy.item": item_text})
+    reference = write_files(tmp_path / "log", log_files("csv"))
+    for split, expected in (("chrono", CHRONO), ("loo", LOO)):
+        ds = load_recbole(folder, split=split)
+        assert parts(ds) == expected
+        assert ds.fingerprint == load_dataset(reference, split=split).fingerprint
+    assert load_recbole(folder / "toy.inter").fingerprint == load_recbole(folder).fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprints across layouts
+
+def dealrec_as_loo_log() -> Files:
+    """DEALREC written as an interaction log whose leave-one-out split gives back the same parts."""
+    rows = [("U1", "A1", 1), ("U1", "B2", 2), ("U2", "B2", 3), ("U1", "C3", 4), ("U3", "A1", 5),
+            ("U1", "D4", 6), ("U2", "C3", 7), ("U1", "E5", 8)]
+    items = [("A1", "Alpha"), ("B2", '"Beta ""Deluxe"""'), ("C3", "Gamma"), ("D4", "Delta"),
+             ("E5", "Epsilon")]
+    return {"interactions.csv": "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows),
+            "items.csv": "item_id,title\n" + "".join(f"{i},{t}\n" for i, t in items)}
+
+
+def test_fingerprint_is_the_same_across_layouts_only_for_identical_content(tmp_path: Path) -> None:
+    layout = load_dataset(write_files(tmp_path / "dealrec", DEALREC))
+    assert layout.fingerprint == load_dataset(tmp_path / "dealrec").fingerprint  # stable
+    log_folder = write_files(tmp_path / "log", dealrec_as_loo_log())
+    as_log = load_dataset(log_folder, split="loo")
+    assert parts(as_log) == DEALREC_PARTS
+    assert as_log.fingerprint == layout.fingerprint
+
+    (log_folder / "items.csv").write_text((log_folder / "items.csv").read_text().replace("Gamma", "Gamma 2"))
+    assert load_dataset(log_folder, split="loo").fingerprint != layout.fingerprint
+    assert load_dataset(log_folder, split="chrono").fingerprint != as_log.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------
+# Detection and load_dataset
+
+def test_detect_format(tmp_path: Path) -> None:
+    assert detect_format(write_files(tmp_path / "d", DEALREC)) == "dealrec"
+    assert detect_format(write_files(tmp_path / "i", log_files("tsv"))) == "interactions"
+    assert detect_format(tmp_path / "i" / "interactions.tsv") == "interactions"
+    rec = write_files(tmp_path / "r", {"r.inter": RECBOLE_INTER, "r.item": "item_id:token\ttitle:token\n"})
+    assert detect_format(rec) == "recbole"
+    assert detect_format(rec / "r.inter") == "recbole"
+
+
+def test_unknown_or_missing_path_says_what_was_looked_for(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "absent"):
+        with pytest.raises(DataError) as info:
+            load_dataset(path)
+        message = str(info.value)
+        assert path.name in message
+        assert all(part in message for part in ("sequential_train.txt", ".inter", "interactions.", "items."))
+
+
+def test_folder_with_two_layouts_must_be_named(tmp_path: Path) -> None:
+    # the log shares items.tsv (item_id, title, plus a column it ignores) with the DEALRec files
+    folder = write_files(tmp_path, DEALREC, {"interactions.csv": "user_id,item_id,timestamp\nu,1,1\nu,2,2\n"})
+    with pytest.raises(DataError, match="several dataset layouts"):
+        load_dataset(folder)
+    assert parts(load_dataset(folder, fmt="interactions")) == (("u",), ((1,),), ((),), ((2,),))
+    assert load_dataset(folder, fmt="dealrec").item_titles == DEALREC_TITLES
+
+
+def test_load_dataset_arguments(tmp_path: Path) -> None:
+    folder = write_files(tmp_path, DEALREC)
+    assert parts(load_dataset(folder, limit_users=2)) == tuple(p[:2] for p in DEALREC_PARTS)
+    with pytest.raises(ValueError, match="already split"):
+        load_dataset(folder, split="loo")
+    with pytest.raises(ValueError):
+        load_dataset(folder, limit_users=0)
+    with pytest.raises(ValueError):
+        load_dataset(folder, fmt="csv")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Malformed inputs: every error names the file, the line (Parquet: row) and the field
+
+LOG_CSV = log_files("csv")
+RECBOLE = {"r.inter": RECBOLE_INTER,
+           "r.item": "item_id:token\ttitle:token_seq\n" + "".join(f"{i}\t{t}\n" for i, t in ITEM_ROWS)}
+CSV_LOG_HEAD = "user_id,item_id,rating,timestamp\n"
+
+
+def items_parquet_with_bad_utf8(path: Path) -> None:
+    """A string column whose second value is not UTF-8 (pyarrow checks nothing when viewing bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    item_ids = pa.array([b"i1", b"\xff"]).view(pa.string())
+    pq.write_table(pa.table({"item_id": item_ids, "title": ["a", "b"]}), path)
+
+
+BAD_INPUTS = [
+    # id, base files, overrides, (file, "line N" / "row N", field)
+    ("dealrec-missing-column", DEALREC, {"items.tsv": "item_id\tsource_item_id\tname\n1\tA\tx\n"},
+     ("items.tsv", "line 1", "title")),
+    ("dealrec-non-numeric-item", DEALREC, {"sequential_train.txt": "1 1 2 3\n2 x\n3 1\n"},
+     ("sequential_train.txt", "line 2", "item_id")),
+    ("dealrec-non-numeric-user", DEALREC, {"sequential_valid.txt": "1 4\n2\nu3\n"},
+     ("sequential_valid.txt", "line 3", "user_id")),
+    ("dealrec-non-numeric-item-id-in-items", DEALREC,
+     {"items.tsv": "item_id\tsource_item_id\ttitle\nx\tA\tt\n"},
+     ("items.tsv", "line 2", "item_id")),
+    ("dealrec-unknown-item", DEALREC, {"sequential_test.txt": "1 5\n2 9\n3\n"},
+     ("sequential_test.txt", "line 2", "item_id")),
+    ("dealrec-empty-file", DEALREC, {"sequential_train.txt": ""},
+     ("sequential_train.txt", "line 1", "user_id")),
+    ("dealrec-empty-items", DEALREC, {"items.tsv": ""}, ("items.tsv", "line 1", "item_id")),
+    ("dealrec-non-utf8", DEALREC, {"items.tsv": DEALREC["items.tsv"].encode().replace(b"Beta", b"B\xffta")},
+     ("items.tsv", "line 3", "title")),
+    ("dealrec-non-utf8-sequence", DEALREC, {"sequential_train.txt": b"1 1 2 3\n2 2\xa0\n3 1\n"},
+     ("sequential_train.txt", "line 2", "item_id")),
+    ("dealrec-user-order-valid", DEALREC, {"sequential_valid.txt": "1 4\n3\n2\n"},
+     ("sequential_valid.txt", "line 2", "user_id")),
+    ("dealrec-missing-valid-line", DEALREC, {"sequential_valid.txt": "1 4\n2\n"},
+     ("sequential_valid.txt", "line 3", "user_id")),
+    ("dealrec-blank-line", DEALREC, {"sequential_test.txt": "1 5\n\n2 3\n3\n"},
+     ("sequential_test.txt", "line 2", "user_id")),
+    ("dealrec-train-without-target", DEALREC, {"sequential_train.txt": "1 1 2 3\n2 2\n3\n"},
+     ("sequential_train.txt", "line 3", "item_id")),
+    ("dealrec-duplicate-item", DEALREC, {"items.tsv": DEALREC["items.tsv"].replace("4\tD4", "2\tD4")},
+     ("items.tsv", "line 5", "item_id")),
+    ("dealrec-empty-title", DEALREC, {"items.tsv": DEALREC["items.tsv"].replace("Epsilon", "  ")},
+     ("items.tsv", "line 6", "title")),
+    ("dealrec-user-not-in-users", DEALREC, {"users.tsv": "user_id\tsource_user_id\n1\tU1\n2\tU2\n"},
+     ("sequential_train.txt", "line 3", "user_id")),
+    ("log-missing-column", LOG_CSV, {"interactions.csv": "user_id,item_id\nu1,i1\n"},
+     ("interactions.csv", "line 1", "timestamp")),
+    ("log-non-numeric-rating", LOG_CSV, {"interactions.csv": CSV_LOG_HEAD + "u1,i1,4,1\nu1,i2,good,2\n"},
+     ("interactions.csv", "line 3", "rating")),
+    ("log-unknown-item", LOG_CSV, {"interactions.csv": CSV_LOG_HEAD + "u1,i1,4,1\nu1,i2,4,2\nu1,i99,4,3\n"},
+     ("interactions.csv", "line 4", "item_id")),
+    ("log-empty-file", LOG_CSV, {"interactions.csv": ""}, ("interactions.csv", "line 1", "user_id")),
+    ("log-header-only", LOG_CSV, {"interactions.csv": CSV_LOG_HEAD},
+     ("interactions.csv", "line 2", "user_id")),
+    ("log-non-utf8", LOG_CSV,
+     {"interactions.csv": (CSV_LOG_HEAD + "u1,i1,4,1\nu\xe9,i2,4,2\n").encode("latin-1")},
+     ("interactions.csv", "line 3", "user_id")),
+    ("log-bad-timestamp", LOG_CSV,
+     {"interactions.csv": CSV_LOG_HEAD + "u1,i1,4,1\nu1,i2,4,1\nu2,i3,4,later\n"},
+     ("interactions.csv", "line 4", "timestamp")),
+    ("log-earliest-bad-row-wins", LOG_CSV,
+     {"interactions.csv": CSV_LOG_HEAD + "u1,i1,4,1\nu1,i2,4,x\nu1,i99,4,3\n"},
+     ("interactions.csv", "line 3", "timestamp")),
+    ("log-short-row", LOG_CSV, {"interactions.csv": CSV_LOG_HEAD + "u1,i1,4,1\nu1,i2,4\n"},
+     ("interactions.csv", "line 3", "timestamp")),
+    ("log-duplicate-item", LOG_CSV, {"items.csv": "item_id,title\ni1,One\ni2,Two\ni1,Again\n"},
+     ("items.csv", "line 4", "item_id")),
+    ("log-empty-title", LOG_CSV, {"items.csv": "item_id,title\ni1,One\ni2,\n"},
+     ("items.csv", "line 3", "title")),
+    ("tsv-unknown-item", {"items.tsv": "item_id\ttitle\ni1\tOne\n",
+                          "interactions.tsv": "user_id\titem_id\ttimestamp\nu\ti1\t1\nu\ti2\t2\n"}, {},
+     ("interactions.tsv", "line 3", "item_id")),
+    ("jsonl-bad-timestamp", LOG_CSV, {"interactions.csv": None, "interactions.jsonl": jsonl([
+        {"user_id": "u", "item_id": "i1", "timestamp": 1},
+        {"user_id": "u", "item_id": "i2", "timestamp": "soon"}])},
+     ("interactions.jsonl", "line 2", "timestamp")),
+    ("jsonl-missing-key", LOG_CSV, {"interactions.csv": None, "interactions.jsonl": jsonl([
+        {"user_id": "u", "item_id": "i1", "timestamp": 1}, {"user_id": "u", "item_id": "i2"}])},
+     ("interactions.jsonl", "line 2", "timestamp")),
+    ("jsonl-non-utf8", LOG_CSV, {"interactions.csv": None, "interactions.jsonl":
+                                 b'{"user_id": "u", "item_id": "i1", "timestamp": 1}\n'
+                                 b'{"user_id": "u", "item_id": "i\xff2", "timestamp": 2}\n'},
+     ("interactions.jsonl", "line 2", "item_id")),
+    ("parquet-bad-timestamp", LOG_CSV, {"interactions.csv": None, "interactions.parquet": parquet_writer(
+        {"user_id": ["u", "u"], "item_id": ["i1", "i2"], "timestamp": ["1", "noon"]})},
+     ("interactions.parquet", "row 2", "timestamp")),
+    ("parquet-duplicate-item", LOG_CSV, {"items.csv": None, "items.parquet": parquet_writer(
+        {"item_id": [1, 2, 1], "title": ["a", "b", "c"]})}, ("items.parquet", "row 3", "item_id")),
+    ("parquet-non-utf8", LOG_CSV, {"items.csv": None, "items.parquet": items_parquet_with_bad_utf8},
+     ("items.parquet", "row 2", "item_id")),
+    ("parquet-missing-column", LOG_CSV, {"interactions.csv": None, "interactions.parquet": parquet_writer(
+        {"user_id": ["u"], "item_id": ["i1"]})}, ("interactions.parquet", "", "timestamp")),
+    ("recbole-missing-column", RECBOLE, {"r.inter": "user_id:token\titem_id:token\nu1\ti1\n"},
+     ("r.inter", "line 1", "timestamp")),
+    ("recbole-no-title", RECBOLE, {"r.item": "item_id:token\tyear:token\ni1\t1999\n"},
+     ("r.item", "line 1", "title")),
+    ("recbole-unknown-item", RECBOLE, {"r.inter": RECBOLE_INTER.replace("i3", "i33", 1)},
+     ("r.inter", "line 4", "item_id")),
+    ("recbole-bad-timestamp", RECBOLE, {"r.inter": RECBOLE_INTER.replace("\t4\t1\n", "\t4\tx\n", 1)},
+     ("r.inter", "line 2", "timestamp")),
+    ("recbole-duplicate-item", RECBOLE, {"r.item": RECBOLE["r.item"].replace("i2\t", "i1\t")},
+     ("r.item", "line 3", "item_id")),
+    ("recbole-empty-title", RECBOLE, {"r.item": RECBOLE["r.item"].replace("Five", "")},
+     ("r.item", "line 6", "title")),
+]
+
+
+@pytest.mark.parametrize("base, overrides, expected", [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_malformed_input_is_a_data_error_naming_file_line_and_field(
+        tmp_path: Path, base: Files, overrides: Files, expected: tuple[str, str, str]) -> None:
+    file_name, where, field = expected
+    folder = write_files(tmp_path, base, overrides)
+    with pytest.raises(DataError) as info:
+        load_dataset(folder)
+    error, message = info.value, str(info.value)
+    assert Path(error.file).name == file_name, message
+    assert error.field == field, message
+    assert file_name in message and f"'{field}'" in message and where in message, message
+    if where.startswith("line "):
+        assert error.line == int(where.split()[1]), message
+    else:
+        assert error.line is None, message
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real Games data
+
+
+@pytest.mark.games
+def test_games_folder() -> None:
+    if not GAMES.is_dir():
+        pytest.skip(f"the Games dataset is not at {GAMES} (it lives in ../shared, beside the project)")
+    assert detect_format(GAMES) == "dealrec"
+    ds = load_dataset(GAMES)
+    assert (ds.n_users, ds.n_items) == (49_156, 17_332)
+    assert sum(1 for items in ds.test if items) == 8_696
+    assert all(ds.train)
+    limited = load_dataset(GAMES, limit_users=1000)
+    assert limited.n_users == 1000 and limited.n_items == ds.n_items
+    assert limited.train == ds.train[:1000]
