@@ -1,0 +1,1 @@
+"""The LLM effort score: prompts, model loading, per-sample LoRA gradient norms."""

@@ -1,0 +1,148 @@
+"""Effort scores on a tiny random Llama built in the test: the batched, prefix-cached computation
+must equal the reference procedure (batch 1, full backward through every LoRA weight)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from core.config import EffortConfig
+from core.data.dataset import RecDataset
+from core.effort.llm import attach_lora
+from core.effort.prompts import PromptTemplate, make_record, tokenize_samples
+from core.effort.score import EffortScorer, EffortSettings, effort_reference, find_target
+
+WORDS = ("below is an instruction that describes a task paired with input provides further context write response "
+         "appropriately completes the request # instruction input response given game products user purchased "
+         "before please recommend new product likes to has following with titles as a ; . , : - zelda mario halo "
+         "doom sonic tetris pacman metroid kirby fifa").split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_dataset(n_users: int = 14, seed: int = 0) -> RecDataset:
+    rng = np.random.default_rng(seed)
+    titles = ("zelda", "mario halo", "doom - sonic", "tetris", "pacman metroid", "kirby", "fifa zelda", "halo doom")
+    train = tuple(tuple(int(x) for x in rng.integers(1, len(titles) + 1, size=rng.integers(1, 12)))
+                  for _ in range(n_users))
+    empty = tuple(() for _ in range(n_users))
+    return RecDataset(user_ids=tuple(f"u{i}" for i in range(n_users)), item_ids=tuple(f"i{i}" for i in range(len(titles))),
+                      item_titles=titles, train=train, valid=empty, test=empty)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=3))
+    # A loaded adapter has B != 0: make the LoRA path matter in the forward pass too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ds = tiny_dataset()
+    samples = tokenize_samples(ds, list(range(ds.n_users)), tok, cutoff_len=128)
+    target = find_target(model)
+    ref = np.array([effort_reference(model, target, s, torch.device("cpu")) for s in samples])
+    return tok, model, ds, samples, ref
+
+
+@pytest.mark.parametrize("cache_prefix", [False, True])
+@pytest.mark.parametrize("max_batch_tokens", [1, 80, 100_000])
+def test_batched_effort_equals_reference(setup, cache_prefix, max_batch_tokens):
+    tok, model, _, samples, ref = setup
+    scorer = EffortScorer(model, find_target(model), EffortSettings(cache_prefix=cache_prefix,
+                          max_batch_tokens=max_batch_tokens, logits_chunk=7), torch.device("cpu"), tok.eos_token_id)
+    got = scorer.score(samples)
+    assert np.all(ref > 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+
+
+def test_batched_equals_batch_size_one(setup):
+    tok, model, _, samples, _ = setup
+    target = find_target(model)
+    one = EffortScorer(model, target, EffortSettings(max_batch_tokens=1), torch.device("cpu"), tok.eos_token_id)
+    many = EffortScorer(model, target, EffortSettings(max_batch_tokens=10_000), torch.device("cpu"), tok.eos_token_id)
+    np.testing.assert_allclose(many.score(samples), one.score(samples), rtol=1e-4)
+
+
+def test_bf16_keeps_the_ranking(setup):
+    tok, model, _, samples, ref = setup
+    model = copy.deepcopy(model)
+    scorer = EffortScorer(model, find_target(model), EffortSettings(precision="bf16", max_batch_tokens=80),
+                          torch.device("cpu"), tok.eos_token_id)
+    got = scorer.score(samples)
+    assert spearmanr(got, ref).statistic > 0.99
+    np.testing.assert_allclose(got, ref, rtol=5e-2)
+
+
+def test_fresh_lora_is_seeded():
+    tok = tiny_tokenizer()
+    a = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=5))
+    b = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=5))
+    c = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=6))
+    wa, wb, wc = (find_target(m).lora_A.weight for m in (a, b, c))
+    assert torch.equal(wa, wb)
+    assert not torch.equal(wa, wc)
+
+
+def test_progress_and_cancel(setup):
+    from core.effort.score import EffortCancelled
+
+    tok, model, _, samples, _ = setup
+    scorer = EffortScorer(model, find_target(model), EffortSettings(max_batch_tokens=1), torch.device("cpu"),
+                          tok.eos_token_id)
+    seen = []
+    scorer.score(samples[:3], progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    with pytest.raises(EffortCancelled):
+        scorer.score(samples, cancel=lambda: True)
+
+
+def test_prompt_wording_and_truncation():
+    tok = tiny_tokenizer()
+    ds = tiny_dataset()
+    user = max(range(ds.n_users), key=lambda u: len(ds.history(u)))
+    rec = make_record(ds, user, PromptTemplate())
+    assert rec.input.startswith("The user has purchased the following game products before, with titles as: ")
+    assert rec.prompt().startswith("Below is an instruction that describes a task, paired with an input")
+    assert "### Instruction:\nGiven the game products" in rec.prompt()
+    assert rec.prompt().endswith(f"### Response:\n{ds.item_titles[ds.target(user) - 1]}")
+    full = tokenize_samples(ds, [user], tok, cutoff_len=10_000)[0]
+    assert full.kept == len(ds.history(user)) and full.ids[-1] == tok.eos_token_id
+    limit = len(full.ids) - 3
+    cut = tokenize_samples(ds, [user], tok, cutoff_len=limit)[0]
+    assert len(cut.ids) <= limit and cut.ids[-1] == tok.eos_token_id
+    assert 0 <= cut.kept < full.kept
+    # The oldest items are dropped: what is kept is the most recent part of the history.
+    kept_rec = make_record(ds, user, PromptTemplate(), cut.kept)
+    recent = ds.history(user)[len(ds.history(user)) - cut.kept:]
+    assert kept_rec.input.endswith("; ".join(ds.item_titles[i - 1] for i in recent)) or cut.kept == 0
+    # One more item would not fit.
+    longer = tok(make_record(ds, user, PromptTemplate(), cut.kept + 1).prompt())["input_ids"]
+    assert len(longer) + 1 > limit
+
+
+def test_find_target_rejects_unknown_module(setup):
+    _, model, _, _, _ = setup
+    with pytest.raises(ValueError, match="no LoRA-wrapped module"):
+        find_target(model, target_module="k_proj")
