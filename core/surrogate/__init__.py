@@ -1,0 +1,1 @@
+"""The SASRec surrogate: model, training with early stopping, full-ranking evaluation."""

@@ -1,0 +1,273 @@
+"""Training the SASRec surrogate with early stopping, full-ranking evaluation, and checkpoints.
+
+Departures from the reference (see DEALREC.md): the best validation state is kept (the reference
+overwrites its checkpoint at every evaluation), negatives and shuffling are seeded, and seen items
+are excluded from the ranking with -inf rather than 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from core.config import SurrogateConfig
+from core.data.dataset import RecDataset
+from core.surrogate.batches import batch_loss, make_batch, sample_negatives
+from core.surrogate.metrics import DEFAULT_KS, recall_ndcg_at_k, topk_excluding
+from core.surrogate.model import SASRec
+
+logger = logging.getLogger(__name__)
+
+CRITERION = "recall@20"
+CHECKPOINT_FORMAT = "dealrec-surrogate-v1"
+
+
+class Cancelled(Exception):
+    """Raised by `train_surrogate` when its `cancel()` callback returns True."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _eval_lines(ds: RecDataset, u: int, split: Literal["valid", "test"]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input line, truth) of one user for a split: valid ranks after train, test after train + valid."""
+    if split == "valid":
+        return ds.train[u], ds.valid[u]
+    if split == "test":
+        return ds.train[u] + ds.valid[u], ds.test[u]
+    raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+
+def _left_pad(lines: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
+    """(len(lines), max_len) int64, each line's last `max_len` items right-aligned, 0-padded on the left
+    (the last position then always holds the most recent item, whose hidden state is the user's)."""
+    out = np.zeros((len(lines), max_len), dtype=np.int64)
+    for r, line in enumerate(lines):
+        tail = line[-max_len:]
+        if tail:
+            out[r, max_len - len(tail):] = tail
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def evaluate(model: SASRec, ds: RecDataset, split: Literal["valid", "test"], ks: Sequence[int] = DEFAULT_KS,
+             batch_size: int = 1024, device: torch.device | str = "cpu",
+             users: Sequence[int] | None = None) -> dict[str, Any]:
+    """Full-ranking Recall@K / NDCG@K on `split` over all items, seen items excluded.
+
+    Only users (of `users`, default all) with a non-empty truth and a non-empty input count; the result
+    has "recall@K", "ndcg@K" for each K and "users" (how many counted). The model's train/eval mode
+    is restored afterwards.
+    """
+    pool = range(ds.n_users) if users is None else users
+    chosen: list[int] = []
+    for u in pool:
+        line, truth = _eval_lines(ds, int(u), split)
+        if line and truth:
+            chosen.append(int(u))
+    max_k = max(ks)
+    was_training = model.training
+    model.eval()
+    ranked_parts: list[np.ndarray] = []
+    truths: list[tuple[int, ...]] = []
+    try:
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start:start + batch_size]
+            pairs = [_eval_lines(ds, u, split) for u in part]
+            seqs = _left_pad([p[0] for p in pairs], model.cfg.max_seq_length).to(device)
+            hidden = model(seqs)[:, -1, :]
+            # Exclude the whole seen line, not only the last max_len items fed to the model.
+            ranked_parts.append(topk_excluding(model.score_all(hidden), [p[0] for p in pairs], max_k))
+            truths.extend(p[1] for p in pairs)
+    finally:
+        model.train(was_training)
+    ranked = np.concatenate(ranked_parts) if ranked_parts else np.zeros((0, max_k), dtype=np.int64)
+    result: dict[str, Any] = recall_ndcg_at_k(ranked, truths, ks)
+    result["users"] = len(chosen)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _trainable_users(ds: RecDataset, users: Sequence[int] | None) -> np.ndarray:
+    """Users with at least one transition (a line of >= 2 items); the rest contribute no loss term."""
+    pool = range(ds.n_users) if users is None else users
+    return np.asarray([int(u) for u in pool if len(ds.train[int(u)]) >= 2], dtype=np.int64)
+
+
+def _train_epoch(model: SASRec, ds: RecDataset, users: np.ndarray, cfg: SurrogateConfig,
+                 opt: torch.optim.Optimizer, rng: np.random.Generator, device: torch.device | str,
+                 cancel: Callable[[], bool] | None) -> float:
+    """One pass over `users` in shuffled batches with fresh negatives; returns the mean batch loss."""
+    model.train()
+    order = users[rng.permutation(len(users))]
+    total, n_batches = 0.0, 0
+    for start in range(0, len(order), cfg.batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled("surrogate training cancelled")
+        part = order[start:start + cfg.batch_size]
+        # New negatives for every batch of every epoch (the reference draws them in __getitem__).
+        negs = sample_negatives(ds, part, cfg.max_seq_length, rng)
+        batch = make_batch(ds, part, cfg.max_seq_length, negs).to(device)
+        loss = batch_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        n_batches += 1
+    return total / max(n_batches, 1)
+
+
+def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: torch.device | str = "cpu",
+                    progress: Callable[[float, str], None] | None = None,
+                    cancel: Callable[[], bool] | None = None,
+                    train_users: Sequence[int] | None = None) -> tuple[SASRec, dict[str, Any]]:
+    """Train SASRec on the users' training lines; keep the state with the best validation Recall@20.
+
+    Evaluates on valid every `cfg.eval_every` epochs (and after the last epoch), stops after
+    `cfg.patience` evaluations without a strictly better Recall@20, restores the best state.
+    `train_users` restricts training and validation to a subset; the test metrics in the report are
+    always over all users (so subset-trained surrogates compare on the same test set).
+    Deterministic on CPU for a given (ds, cfg, seed). Raises `Cancelled` when `cancel()` is True.
+
+    Returns (model in eval mode, report) with report keys: best_epoch, epochs_run, stopped_early,
+    valid (metrics at the best epoch), test (metrics of the restored model), train_seconds,
+    train_users, history (one entry per evaluation).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = SASRec(ds.n_items, cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    users = _trainable_users(ds, train_users)
+    if len(users) == 0:
+        raise ValueError("no training user has a line of at least 2 items")
+    logger.info("surrogate: %d training users, %d items, up to %d epochs", len(users), ds.n_items, cfg.epochs)
+
+    best_score = -math.inf
+    best_epoch = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_valid: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    stale = 0
+    epoch = 0
+    stopped_early = False
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        loss = _train_epoch(model, ds, users, cfg, opt, rng, device, cancel)
+        message = f"epoch {epoch}/{cfg.epochs} loss {loss:.4f}"
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            valid = evaluate(model, ds, "valid", device=device, users=train_users)
+            history.append({"epoch": epoch, "loss": loss, **valid})
+            # Without validation users there is no criterion: keep the latest state.
+            if valid["users"] == 0 or valid[CRITERION] > best_score:
+                best_score = valid[CRITERION]
+                best_epoch, best_valid, stale = epoch, valid, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            message += f" valid {CRITERION} {valid[CRITERION]:.4f} (best {best_score:.4f} @ {best_epoch})"
+            if stale >= cfg.patience:
+                stopped_early = True
+        logger.info("surrogate: %s", message)
+        if progress is not None:
+            progress(1.0 if stopped_early else epoch / cfg.epochs, message)
+        if stopped_early:
+            logger.info("surrogate: early stop after %d evaluations without improvement", stale)
+            break
+    train_seconds = time.perf_counter() - t0
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    test = evaluate(model, ds, "test", device=device)
+    report = {
+        "best_epoch": best_epoch,
+        "epochs_run": epoch,
+        "stopped_early": stopped_early,
+        "valid": best_valid,
+        "test": test,
+        "train_seconds": train_seconds,
+        "train_users": int(len(users)),
+        "history": history,
+    }
+    logger.info("surrogate: best epoch %d, valid %s %.4f, test %s %.4f, %.1f s", best_epoch, CRITERION,
+                best_valid.get(CRITERION, float("nan")), CRITERION, test.get(CRITERION, float("nan")),
+                train_seconds)
+    return model, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any, where: str = "extra") -> None:
+    """Reject anything `torch.load(weights_only=True)` would refuse (numpy scalars, custom classes),
+    at save time rather than when someone later tries to load the file."""
+    if isinstance(obj, _PLAIN) or isinstance(obj, torch.Tensor):
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, _PLAIN):
+                raise TypeError(f"{where}: key {key!r} is not a plain type")
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
+
+
+def save_checkpoint(model: SASRec, path: str | os.PathLike[str], extra: dict[str, Any]) -> None:
+    """Write state_dict, cfg, n_items and `extra` (plain types / tensors only) to `path` atomically:
+    a temporary file in the same folder, then os.replace, so a reader never sees a partial file."""
+    _check_plain(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "cfg": model.cfg.model_dump(),
+        "n_items": int(model.n_items),
+        "extra": extra,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[SASRec, dict[str, Any]]:
+    """The model (eval mode, on `device`) and the `extra` dict saved with it."""
+    payload = torch.load(Path(path), map_location=device, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a surrogate checkpoint ({CHECKPOINT_FORMAT})")
+    cfg = SurrogateConfig(**payload["cfg"])
+    model = SASRec(int(payload["n_items"]), cfg)
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    return model, payload["extra"]
