@@ -45,8 +45,19 @@ def sample_negatives(ds: RecDataset, users: np.ndarray | list[int], max_len: int
 
 
 def make_batch(ds: RecDataset, users: np.ndarray | list[int], max_len: int,
-               negatives: list[np.ndarray]) -> SeqBatch:
-    """Inputs line[:-1] and targets line[1:], keeping the most recent `max_len` transitions."""
+               negatives: list[np.ndarray], trim: bool = False) -> SeqBatch:
+    """Inputs line[:-1] and targets line[1:], keeping the most recent `max_len` transitions.
+
+    `trim` drops the leading columns that are padding for every row of the batch. The model gives
+    each column the position it would have in the full `max_len` window, and padding never reaches a
+    real position, so the outputs at real positions are unchanged; it only saves work (Games lines
+    average 6 items in a 50-wide window)."""
+    if trim:
+        widest = max((min(len(ds.train[u]) - 1, max_len) for u in users), default=1)
+        max_len_out = max(widest, 1)
+        full = make_batch(ds, users, max_len, negatives)
+        return SeqBatch(full.inputs[:, max_len - max_len_out:], full.positives[:, max_len - max_len_out:],
+                        full.negatives[:, max_len - max_len_out:])
     b = len(users)
     inputs = np.zeros((b, max_len), dtype=np.int64)
     pos = np.zeros((b, max_len), dtype=np.int64)

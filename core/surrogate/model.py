@@ -99,7 +99,10 @@ class SASRec(nn.Module):
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         t = seqs.shape[1]
-        pos = torch.arange(t, device=seqs.device).unsqueeze(0)
+        if t > self.cfg.max_seq_length:
+            raise ValueError(f"sequence width {t} exceeds max_seq_length {self.cfg.max_seq_length}")
+        # A batch narrower than the window is its right-aligned part: keep the positions it has there.
+        pos = torch.arange(self.cfg.max_seq_length - t, self.cfg.max_seq_length, device=seqs.device).unsqueeze(0)
         x = self.dropout(self.norm(self.item_embeddings(seqs) + self.position_embeddings(pos)))
         # Causal mask plus key padding mask, additive (-1e4 as the reference, stable in fp16 too).
         causal = torch.ones(t, t, dtype=torch.bool, device=seqs.device).tril()
