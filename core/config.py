@@ -72,6 +72,8 @@ class EffortConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_batch_tokens: int = Field(0, ge=0)  # 0 = pick per device
     cache_prefix: bool = True
+    # CPU only: worker processes for the effort stage (0 = one per core when there are enough samples).
+    processes: int = Field(0, ge=0, le=64)
     seed: int = 0
 
 

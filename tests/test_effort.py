@@ -146,3 +146,26 @@ def test_find_target_rejects_unknown_module(setup):
     _, model, _, _, _ = setup
     with pytest.raises(ValueError, match="no LoRA-wrapped module"):
         find_target(model, target_module="k_proj")
+
+
+def test_processes_give_the_same_scores(setup, tmp_path):
+    """Several CPU processes, each loading the model from a folder as the pipeline does, give the
+    scores of one process."""
+    from core.effort.parallel import score_in_processes
+
+    tok, _, ds, samples, _ = setup
+    folder = tmp_path / "tiny-llama"
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = EffortConfig(llm=str(folder), seed=3)
+    from core.effort.llm import attach_lora as attach, load_base_model, resolve_llm
+
+    model, _ = load_base_model(resolve_llm(cfg.llm), tmp_path / "cache")
+    model = attach(model, cfg)
+    settings = EffortSettings(max_batch_tokens=200)
+    one = EffortScorer(model, find_target(model), settings, torch.device("cpu"), tok.eos_token_id).score(samples)
+    seen = []
+    many = score_in_processes(cfg, tmp_path / "cache", settings, samples, tok.eos_token_id, processes=2, threads=1,
+                              progress=lambda f, m: seen.append(f))
+    np.testing.assert_allclose(many, one, rtol=1e-5)
+    assert seen and seen[-1] == 1.0

@@ -78,6 +78,11 @@ def load_base_model(source: LLMSource, cache_dir: Path | None = None):
     about a second."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Our own progress and logs describe the run; transformers' per-tensor bars would only add noise.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     load_from, kwargs = source.folder, {}
     cached = cache_dir / "llm" / source.key() if (cache_dir and source.gguf_file) else None
@@ -96,6 +101,13 @@ def load_base_model(source: LLMSource, cache_dir: Path | None = None):
     if tokenizer.eos_token_id is None:
         raise LLMError("the tokenizer has no EOS token; the effort prompt needs one")
     return model, tokenizer
+
+
+def ensure_llm_cached(source: LLMSource, cache_dir: Path) -> None:
+    """De-quantise a GGUF model once into the cache, before several processes load it."""
+    if source.gguf_file and not (cache_dir / "llm" / source.key() / "config.json").is_file():
+        model, _ = load_base_model(source, cache_dir)
+        del model
 
 
 def load_tokenizer(source: LLMSource, cache_dir: Path | None = None):
@@ -138,7 +150,12 @@ def attach_lora(model, cfg: EffortConfig):
     """The reference adapter: LoRA r 8, alpha 16, dropout 0.05 on q_proj and v_proj, or a given
     adapter folder. LoRA A is random at initialisation, so it is drawn from `cfg.seed`: without that
     the effort scores change by up to ~30% between runs."""
+    import warnings
+
     from peft import LoraConfig, PeftModel, get_peft_model
+
+    # peft calls a transformers method that transformers 5 marks deprecated; nothing for users to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     if cfg.adapter:
         if not Path(cfg.adapter, "adapter_config.json").is_file():

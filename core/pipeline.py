@@ -1,0 +1,287 @@
+"""The DEALRec pipeline as one function: load -> surrogate -> influence -> effort -> selection.
+
+Each stage reports progress through a callback, honours a cancel callback, and reuses cached
+artifacts. Nothing here prints: the CLI and the worker render progress their own way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from core.cache import cache_key, default_cache_dir, load_arrays, save_arrays
+from core.config import EffortConfig, PruneConfig
+from core.data.dataset import RecDataset
+from core.effort.prompts import PromptTemplate
+from core.selection import SelectionResult, required_scores, select
+
+log = logging.getLogger(__name__)
+
+STAGES = ("load", "surrogate", "influence", "effort", "selection")
+# Rough share of a CPU run's time per stage, so that one fraction can describe the whole job.
+STAGE_WEIGHTS = {"load": 0.01, "surrogate": 0.14, "influence": 0.05, "effort": 0.79, "selection": 0.01}
+
+ProgressFn = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
+CancelFn = Callable[[], bool]
+
+
+@dataclass
+class StageRecord:
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    cached: bool = False
+    skipped: bool = False
+
+
+@dataclass
+class PruneResult:
+    dataset: RecDataset
+    config: PruneConfig
+    selection: SelectionResult
+    scores: dict[str, np.ndarray]
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    surrogate_report: dict | None = None
+    effort_info: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+class StageTimer:
+    """Wall time and peak resident memory of one stage. The process-wide peak (ru_maxrss) never goes
+    down, so a sampling thread measures the peak within the stage itself."""
+
+    def __init__(self, stages: dict[str, StageRecord], name: str, interval: float = 0.05) -> None:
+        self.rec = stages.setdefault(name, StageRecord())
+        self.interval = interval
+
+    def __enter__(self) -> StageRecord:
+        self._stop = threading.Event()
+        self._peak = current_rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self.rec
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, current_rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self.rec.seconds += time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self.rec.peak_rss_mb = max(self.rec.peak_rss_mb, self._peak, current_rss_mb())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def surrogate_key(ds: RecDataset, cfg: PruneConfig) -> str:
+    return cache_key("surrogate", data=ds.fingerprint, cfg=cfg.surrogate.model_dump(), seed=cfg.seed)
+
+
+def influence_key(ds: RecDataset, cfg: PruneConfig) -> str:
+    return cache_key("influence", surrogate=surrogate_key(ds, cfg), cfg=cfg.influence.model_dump(), seed=cfg.seed)
+
+
+def effort_precision(cfg: EffortConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def effort_key(ds: RecDataset, cfg: EffortConfig, llm_key: str, precision: str, template: PromptTemplate) -> str:
+    # Batch size, device and prefix caching do not change the scores (beyond float rounding): not in the key.
+    relevant = cfg.model_dump(exclude={"device", "max_batch_tokens", "cache_prefix", "precision", "llm", "gguf_file",
+                                       "processes"})
+    return cache_key("effort", data=ds.fingerprint, cfg=relevant, llm=llm_key, precision=precision,
+                     template=template.model_dump())
+
+
+def run_prune(ds: RecDataset, cfg: PruneConfig, *, device: str = "auto", cache_dir: Path | None = None,
+              template: PromptTemplate | None = None, progress: ProgressFn | None = None,
+              cancel: CancelFn | None = None, use_cache: bool = True) -> PruneResult:
+    """Score and select. `ds` is already loaded (and limited). Returns the selection and all scores."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    template = template or PromptTemplate()
+    dev = resolve_device(device)
+    stages: dict[str, StageRecord] = {}
+    method = cfg.selection.method
+    needed = required_scores(method)
+    scores: dict[str, np.ndarray] = {}
+    report = None
+
+    def stage_progress(name: str):
+        return (lambda frac, msg="": progress(name, frac, msg)) if progress else None
+
+    if needed & {"influence", "grand", "el2n"}:
+        model, report = _surrogate(ds, cfg, dev, cache_dir, stages, stage_progress("surrogate"), cancel, use_cache)
+        scores.update(_influence(model, ds, cfg, dev, cache_dir, stages, stage_progress("influence"), cancel,
+                                 use_cache))
+    else:
+        stages["surrogate"] = StageRecord(skipped=True)
+        stages["influence"] = StageRecord(skipped=True)
+    effort_info: dict = {}
+    if "effort" in needed:
+        scores["effort"], effort_info = _effort(ds, cfg.effort, dev, cache_dir, template, stages,
+                                                stage_progress("effort"), cancel, use_cache)
+    else:
+        stages["effort"] = StageRecord(skipped=True)
+
+    with StageTimer(stages, "selection"):
+        result = select(method, scores, cfg.selection, n_samples=ds.n_users)
+    if progress:
+        progress("selection", 1.0, f"selected {len(result.selected)} of {ds.n_users}")
+    for note in result.notes:
+        log.info("selection: %s", note)
+    if len(result.selected) < cfg.selection.budget:
+        log.warning("selected %d samples, fewer than the budget %d", len(result.selected), cfg.selection.budget)
+    return PruneResult(ds, cfg, result, scores, stages, report, effort_info)
+
+
+def _surrogate(ds, cfg, dev, cache_dir, stages, progress, cancel, use_cache):
+    from core.surrogate.train import load_checkpoint, save_checkpoint, train_surrogate
+
+    path = cache_dir / surrogate_key(ds, cfg) / "surrogate.pt"
+    with StageTimer(stages, "surrogate") as rec:
+        if use_cache and path.is_file():
+            try:
+                model, extra = load_checkpoint(path, device=dev)
+                rec.cached = True
+                log.info("surrogate: reusing the cached model %s", path.parent.name)
+                if progress:
+                    progress(1.0, "reused cached surrogate")
+                return model, json.loads(extra.get("report_json", "null"))
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                log.warning("surrogate cache %s unreadable (%s): retraining", path, exc)
+        torch.manual_seed(cfg.seed)
+        model, report = train_surrogate(ds, cfg.surrogate, cfg.seed, device=dev, progress=progress, cancel=cancel)
+        if use_cache:
+            save_checkpoint(model, path, {"report_json": json.dumps(report, default=float),
+                                          "fingerprint": ds.fingerprint})
+        return model, report
+
+
+def _influence(model, ds, cfg, dev, cache_dir, stages, progress, cancel, use_cache) -> dict[str, np.ndarray]:
+    from core.influence import influence_scores
+
+    path = cache_dir / influence_key(ds, cfg) / "scores.npz"
+    with StageTimer(stages, "influence") as rec:
+        cached = load_arrays(path) if use_cache else None
+        if cached is not None and all(k in cached for k in ("influence", "grand", "el2n")):
+            rec.cached = True
+            log.info("influence: reusing cached scores %s", path.parent.name)
+            if progress:
+                progress(1.0, "reused cached influence scores")
+            return {k: cached[k] for k in ("influence", "grand", "el2n")}
+        out = influence_scores(model, ds, cfg.influence, cfg.seed, device=dev, progress=progress, cancel=cancel)
+        arrays = {k: np.asarray(out[k], dtype=np.float64) for k in ("influence", "grand", "el2n")}
+        if use_cache:
+            save_arrays(path, **arrays)
+        return arrays
+
+
+def effort_settings(cfg: EffortConfig, dev: torch.device, precision: str):
+    from core.effort.score import EffortSettings
+
+    # CPU: small batches (the logits dominate memory and batching barely pays); GPU: large ones.
+    max_tokens = cfg.max_batch_tokens or (16384 if dev.type == "cuda" else 256)
+    return EffortSettings(cache_prefix=cfg.cache_prefix, max_batch_tokens=max_tokens, precision=precision,
+                          logits_chunk=8192 if dev.type == "cuda" else 256)
+
+
+# Below this many samples, starting processes and loading a model in each costs more than it saves.
+MIN_SAMPLES_PER_PROCESS = 128
+
+
+def cpu_processes(cfg: EffortConfig, dev: torch.device, n_samples: int) -> tuple[int, int]:
+    """(processes, torch threads each) for the effort stage. GPU: one process. CPU: one single-thread
+    process per core the run may use (torch's thread count), when the work is large enough."""
+    threads = torch.get_num_threads()
+    if dev.type != "cpu":
+        return 1, threads
+    wanted = cfg.processes or threads
+    processes = max(1, min(wanted, n_samples // MIN_SAMPLES_PER_PROCESS))
+    return processes, max(1, threads // processes)
+
+
+def _effort(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progress, cancel, use_cache):
+    from core.effort.llm import attach_lora, ensure_llm_cached, load_base_model, load_tokenizer, resolve_llm
+    from core.effort.parallel import score_in_processes
+    from core.effort.prompts import tokenize_samples
+    from core.effort.score import EffortScorer, find_target
+
+    with StageTimer(stages, "effort") as rec:
+        source = resolve_llm(cfg.llm, cfg.gguf_file)
+        precision = effort_precision(cfg, dev)
+        path = cache_dir / effort_key(ds, cfg, source.key(), precision, template) / "effort.npz"
+        info = {"llm": str(source.folder / (source.gguf_file or "")), "precision": precision, "device": dev.type}
+        cached = load_arrays(path) if use_cache else None
+        if cached is not None and "effort" in cached and len(cached["effort"]) == ds.n_users:
+            rec.cached = True
+            log.info("effort: reusing cached scores %s", path.parent.name)
+            if progress:
+                progress(1.0, "reused cached effort scores")
+            return cached["effort"], {**info, "cached": True}
+        if progress:
+            progress(0.0, "loading the LLM")
+        settings = effort_settings(cfg, dev, precision)
+        processes, threads = cpu_processes(cfg, dev, ds.n_users)
+        t0 = time.perf_counter()
+        if processes > 1:
+            ensure_llm_cached(source, cache_dir)
+            tokenizer = load_tokenizer(source, cache_dir)
+            samples = tokenize_samples(ds, list(range(ds.n_users)), tokenizer, cfg.cutoff_len, template)
+            effort = score_in_processes(cfg, cache_dir, settings, samples, tokenizer.eos_token_id, processes,
+                                        threads, progress=progress, cancel=cancel)
+        else:
+            model, tokenizer = load_base_model(source, cache_dir)
+            model = attach_lora(model, cfg).to(dev)
+            target = find_target(model, cfg.target_module, cfg.target_layer)
+            samples = tokenize_samples(ds, list(range(ds.n_users)), tokenizer, cfg.cutoff_len, template)
+            scorer = EffortScorer(model, target, settings, dev, tokenizer.eos_token_id)
+            effort = scorer.score(samples, progress=progress, cancel=cancel)
+        per_sample = (time.perf_counter() - t0) / max(ds.n_users, 1)
+        info.update(seconds_per_sample=per_sample, mean_tokens=float(np.mean([len(s.ids) for s in samples])),
+                    processes=processes)
+        if use_cache:
+            save_arrays(path, effort=effort)
+        return effort, info
+
+
+def bigrec_records(ds: RecDataset, users, cfg: EffortConfig, cache_dir: Path | None = None,
+                   template: PromptTemplate | None = None):
+    """Instruction/input/output records of `users`, cut to `cutoff_len` tokens of the configured
+    LLM's tokenizer exactly as the effort stage cuts them (only the tokenizer is loaded)."""
+    from core.effort.llm import load_tokenizer, resolve_llm
+    from core.effort.prompts import make_record, tokenize_samples
+
+    template = template or PromptTemplate()
+    tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file), Path(cache_dir) if cache_dir else default_cache_dir())
+    users = [int(u) for u in users]
+    cut = tokenize_samples(ds, users, tokenizer, cfg.cutoff_len, template)
+    return [make_record(ds, u, template, s.kept) for u, s in zip(users, cut)]
