@@ -18,6 +18,16 @@ def dealrec(*args: str, cache: Path, timeout: int = 900) -> subprocess.Completed
                           timeout=timeout, cwd=ROOT)
 
 
+def write_dealrec_folder(folder: Path, train: str, valid: str, test: str, n_items: int) -> Path:
+    folder.mkdir()
+    (folder / "sequential_train.txt").write_text(train)
+    (folder / "sequential_valid.txt").write_text(valid)
+    (folder / "sequential_test.txt").write_text(test)
+    items = "".join(f"{i}\ts{i}\tTitle {i}\n" for i in range(1, n_items + 1))
+    (folder / "items.tsv").write_text("item_id\tsource_item_id\ttitle\n" + items)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     # Shared by the tests of this module: the de-quantised LLM is cached once.
@@ -76,12 +86,7 @@ def test_prune_dealrec_real_llm_is_reproducible(games_dir, cache, tmp_path):
     (["--llm", "/no/such/model"], "/no/such/model"),
 ])
 def test_prune_bad_parameters_exit_2(tmp_path, cache, extra, message):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "sequential_train.txt").write_text("1 1 2 3\n2 2 3\n")
-    (data / "sequential_valid.txt").write_text("1\n2\n")
-    (data / "sequential_test.txt").write_text("1 4\n2\n")
-    (data / "items.tsv").write_text("item_id\tsource_item_id\ttitle\n1\ta\tA\n2\tb\tB\n3\tc\tC\n4\td\tD\n")
+    data = write_dealrec_folder(tmp_path / "data", "1 1 2 3\n2 2 3\n", "1\n2\n", "1 4\n2\n", n_items=4)
     method = [] if "--llm" in extra else ["--method", "random"]
     r = dealrec("prune", "--data", str(data), *method, *extra, "--out", str(tmp_path / "o"), "--no-progress",
                 cache=cache)
@@ -91,12 +96,7 @@ def test_prune_bad_parameters_exit_2(tmp_path, cache, extra, message):
 
 
 def test_inspect_bad_dataset_exit_2(tmp_path, cache):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "sequential_train.txt").write_text("1 1 2\n2 2 x\n")
-    (data / "sequential_valid.txt").write_text("1\n2\n")
-    (data / "sequential_test.txt").write_text("1\n2\n")
-    (data / "items.tsv").write_text("item_id\tsource_item_id\ttitle\n1\ta\tA\n2\tb\tB\n")
+    data = write_dealrec_folder(tmp_path / "data", "1 1 2\n2 2 x\n", "1\n2\n", "1\n2\n", n_items=2)
     r = dealrec("inspect", "--data", str(data), cache=cache)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "sequential_train.txt" in r.stderr and "line 2" in r.stderr

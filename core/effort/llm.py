@@ -64,14 +64,6 @@ def resolve_llm(llm: str, gguf_file: str | None = None) -> LLMSource:
                    "name one with --gguf-file")
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LLMError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(device)
-
-
 def load_base_model(source: LLMSource, cache_dir: Path | None = None):
     """Model (fp32, eval) and tokenizer. GGUF weights are de-quantised by transformers, which takes
     ~20-40 s for SmolLM2; the de-quantised copy is kept under `cache_dir` so later runs load it in
