@@ -169,3 +169,18 @@ def test_processes_give_the_same_scores(setup, tmp_path):
                               progress=lambda f, m: seen.append(f))
     np.testing.assert_allclose(many, one, rtol=1e-5)
     assert seen and seen[-1] == 1.0
+
+
+def test_start_from_a_given_adapter(tmp_path):
+    """`adapter` loads a peft adapter folder: its weights, not a fresh random LoRA, define the scores."""
+    tok = tiny_tokenizer()
+    trained = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=1))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trained.save_pretrained(tmp_path / "adapter")
+    loaded = attach_lora(tiny_llama(len(tok)), EffortConfig(adapter=str(tmp_path / "adapter"), seed=99))
+    assert torch.equal(find_target(loaded).lora_B.weight, find_target(trained).lora_B.weight)
+    assert torch.equal(find_target(loaded).lora_A.weight, find_target(trained).lora_A.weight)
+    assert not any(p.requires_grad for p in loaded.parameters())
