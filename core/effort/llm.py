@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +103,22 @@ def ensure_llm_cached(source: LLMSource, cache_dir: Path) -> None:
         del model
 
 
+_tokenizers: dict[tuple, object] = {}
+_tokenizers_lock = threading.Lock()
+
+
 def load_tokenizer(source: LLMSource, cache_dir: Path | None = None):
-    """The tokenizer alone (prompts, truncation), from the de-quantised cache when it exists."""
+    """The tokenizer alone (prompts, truncation), from the de-quantised cache when it exists.
+    Kept in memory per model identity: parsing it from a GGUF file takes seconds, and a long-lived
+    process (a service worker) needs it for every job."""
+    key = (source.key(), str(cache_dir))
+    with _tokenizers_lock:
+        if key not in _tokenizers:
+            _tokenizers[key] = _read_tokenizer(source, cache_dir)
+        return _tokenizers[key]
+
+
+def _read_tokenizer(source: LLMSource, cache_dir: Path | None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 

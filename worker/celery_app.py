@@ -1,0 +1,61 @@
+"""The Celery application: Redis broker and result backend, queues `cpu` and `gpu`.
+
+Delivery is at-least-once on purpose: a message is acknowledged only after its task returns
+(`acks_late`) and is requeued if the worker dies, so a killed worker's job runs again elsewhere.
+The job lock in the store (renewed by the running worker) keeps a redelivered message from
+starting a second copy of a job that is still running."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from worker.config import Settings, get_settings
+
+QUEUES = ("cpu", "gpu")
+TASK_VALIDATE = "worker.tasks.validate_dataset"
+TASK_PRUNE = "worker.tasks.run_prune_job"
+TASK_SWEEP = "worker.tasks.sweep_storage"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("dealrec", broker=settings.broker, backend=settings.backend, include=["worker.tasks"])
+    transport = {
+        # Redis redelivers an unacked message after this many seconds: longer than the longest task.
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.unacked_restore_interval_s,
+        "unacked_restore_throttle": settings.unacked_restore_throttle,
+        "global_keyprefix": settings.key_prefix,  # one prefix owns every key, Celery's included
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+    }
+    app.conf.update(
+        task_queues=[Queue(q, routing_key=q) for q in QUEUES],
+        task_default_queue="cpu",
+        task_routes={TASK_VALIDATE: {"queue": "cpu"}, TASK_PRUNE: {"queue": "cpu"}, TASK_SWEEP: {"queue": "cpu"}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a long job must not hold a second message hostage
+        task_time_limit=settings.task_time_limit_s + 60,  # enforced by prefork; the runner also checks its deadline
+        task_soft_time_limit=settings.task_time_limit_s,
+        broker_transport_options=transport,
+        result_backend_transport_options={"global_keyprefix": settings.key_prefix},
+        result_expires=settings.job_ttl_s,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        # Publishing while Redis is down should fail fast (the API answers 503), not hang.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        worker_send_task_events=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_track_started=False,  # job state lives in the store, not in Celery's backend
+        enable_utc=True,
+    )
+    return app
+
+
+# `celery -A worker.celery_app worker` finds this; it reads the DEALREC_* environment once.
+app = make_celery(get_settings())
+celery_app = app

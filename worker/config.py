@@ -1,0 +1,118 @@
+"""Service configuration, read from `DEALREC_*` environment variables (shared by the API and workers).
+
+Plain environment parsing into a pydantic model: pydantic is already a core dependency, and one
+`Settings.from_env()` keeps tests able to build a configuration without touching `os.environ`."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "DEALREC_"
+
+
+class ConfigError(ValueError):
+    """A `DEALREC_*` variable that cannot be used; the message names the variable."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None  # default: redis_url
+    result_backend_url: str | None = None  # default: redis_url
+    key_prefix: str = "dealrec:"
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "dealrec")
+    cache_dir: Path | None = None  # default: <data_dir>/cache (core's content-addressed cache)
+
+    # Jobs
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # finished jobs (record, events, artifacts) expire after this
+    task_time_limit_s: int = Field(6 * 3600, ge=10)  # one prune job, all stages
+    validate_time_limit_s: int = Field(1800, ge=10)
+    # Celery's Redis transport redelivers an unacked message after this; it must exceed the longest
+    # task or a still-running job is handed to a second worker (the job lock is the second guard).
+    visibility_timeout_s: int | None = Field(None, ge=1)  # default: longest time limit + 10 %
+    unacked_restore_interval_s: int = Field(10, ge=1)
+    unacked_restore_throttle: int = Field(10, ge=1)
+    lock_ttl_s: int = Field(60, ge=2)  # the running worker renews it every lock_ttl_s / 3
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    effort_queue: Literal["cpu", "gpu"] = "cpu"  # queue of jobs whose method needs the LLM
+    torch_threads: int | None = Field(None, ge=1)
+    progress_interval_s: float = Field(0.5, ge=0.0)  # least time between two progress writes
+    llms: str = ""  # "name=path,..." models a request may name besides "auto"
+
+    # Uploads
+    max_upload_bytes: int = Field(1 << 30, ge=1)
+    max_unpacked_bytes: int = Field(4 << 30, ge=1)
+    max_archive_files: int = Field(1000, ge=1)
+
+    # API
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    auth_disabled: bool = False
+    ping_timeout_s: float = Field(0.5, gt=0.0)
+    worker_heartbeat_s: float = Field(5.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _prefix_nonempty(self) -> "Settings":
+        if not self.key_prefix:
+            raise ValueError("key_prefix must not be empty (every key the service writes carries it)")
+        return self
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend_url or self.redis_url
+
+    @property
+    def cache_root(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    @property
+    def visibility_timeout(self) -> int:
+        if self.visibility_timeout_s is not None:
+            return self.visibility_timeout_s
+        return int(max(self.task_time_limit_s, self.validate_time_limit_s) * 1.1) + 60
+
+    def llm_choices(self) -> dict[str, str]:
+        """Request-side LLM names -> server paths. Clients name a model, never a path on this machine."""
+        out = {"auto": "auto"}
+        for item in filter(None, (x.strip() for x in self.llms.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(f"{ENV_PREFIX}LLMS entry '{item}' is not name=path")
+            out[name.strip()] = path.strip()
+        return out
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        raw: dict = {}
+        for name in cls.model_fields:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is not None and value != "":
+                raw[name] = _parse_bool(value) if name == "auth_disabled" else value
+        raw.update(overrides)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "?"
+            raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}") from None
+
+
+def _parse_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (workers import them once; the API builds its own in create_app)."""
+    return Settings.from_env()

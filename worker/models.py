@@ -1,0 +1,98 @@
+"""The records the job store holds: datasets, jobs and job events (shared by the API and the workers)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DatasetStatus = Literal["validating", "ready", "invalid"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# Allowed status changes. running -> running is a redelivered job resumed by another worker.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "failed", "cancelled"}),
+    "running": frozenset({"running", "succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class FileInfo(_Record):
+    name: str
+    bytes: int
+
+
+class ErrorInfo(_Record):
+    """What went wrong, for an API client: a stable `code` and a human `message`, plus the loader's
+    file/line/field when a dataset is at fault."""
+
+    code: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    field: str | None = None
+
+
+class DatasetRecord(_Record):
+    id: str
+    tenant: str
+    status: DatasetStatus = "validating"
+    name: str | None = None
+    files: list[FileInfo] = Field(default_factory=list)
+    format: str | None = None
+    statistics: dict[str, Any] | None = None
+    fingerprint: str | None = None
+    errors: list[ErrorInfo] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utcnow)
+    validated_at: datetime | None = None
+
+
+class StageTiming(_Record):
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    cached: bool = False
+    skipped: bool = False
+
+
+class JobRecord(_Record):
+    id: str
+    tenant: str
+    dataset_id: str
+    status: JobStatus = "queued"
+    queue: str = "cpu"
+    stage: str | None = None
+    progress: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    request: dict[str, Any] = Field(default_factory=dict)  # the validated request, as sent to the worker
+    params: dict[str, Any] | None = None  # every resolved parameter, once the worker has loaded the data
+    stages: dict[str, StageTiming] = Field(default_factory=dict)
+    completed_stages: list[str] = Field(default_factory=list)
+    reused_stages: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    worker: str | None = None  # host:pid of the worker that last ran it
+    cancel_requested: bool = False
+    error: ErrorInfo | None = None
+    result: dict[str, Any] | None = None
+
+
+class JobEvent(_Record):
+    id: int
+    created_at: datetime
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,95 @@
+"""The prune request (what `POST /v1/prune` accepts) and its translation into core's `PruneConfig`.
+
+Shared by the API (validation, 422s) and the worker (building the config), so both read one contract.
+The translation mirrors `core.cli.build_config`: the same request and seed give the same
+`PruneConfig`, hence the same selection as `dealrec prune`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+from core.config import InfluenceConfig, PruneConfig, SurrogateConfig
+
+Method = Literal["dealrec", "random", "grand", "el2n", "ccs", "influence", "effort", "greedy"]
+
+
+class _Forbid(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class EffortParams(_Forbid):
+    """The LLM settings a client may choose. `llm` is a name the server configured
+    (`DEALREC_LLMS`), never a path; the device is the worker's (`DEALREC_DEVICE`)."""
+
+    llm: str = Field("auto", max_length=100, examples=["auto"])
+    lora_r: int | None = Field(None, ge=1, le=256)
+    lora_alpha: int | None = Field(None, ge=1, le=1024)
+    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    cutoff_len: int | None = Field(None, ge=16, le=32768)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class PruneParams(_Forbid):
+    lam: float | None = Field(None, ge=0.0, alias="lambda", description="effort weight (paper, Games: 0.3)")
+    strata: int | None = Field(None, ge=1, le=100_000, description="number of strata k (50)")
+    hard_prune: float | None = Field(None, ge=0.0, lt=1.0, description="share of highest scores dropped (0.1)")
+    surrogate: SurrogateConfig = SurrogateConfig()
+    influence: InfluenceConfig = InfluenceConfig()
+    effort: EffortParams = EffortParams()
+
+
+class PruneRequest(_Forbid):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"examples": [{
+        "dataset_id": "ds_0193b0c1d2e3a1b2c3d4e5", "budget": 64, "method": "dealrec", "seed": 0,
+        "limit_users": 600, "params": {"lambda": 0.3, "strata": 50, "hard_prune": 0.1,
+                                       "surrogate": {"epochs": 200}, "influence": {"solver": "lissa"}}}]})
+
+    dataset_id: str = Field(..., max_length=64)
+    budget: Union[StrictInt, StrictFloat] = Field(
+        1024, description="samples to select: a count (64) or a ratio of the samples in (0, 1) (0.02)")
+    method: Method = "dealrec"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    limit_users: int | None = Field(None, ge=1, description="keep only the first N users")
+    split: Literal["chrono", "loo"] = Field("chrono", description="interaction logs: chronological 8:1:1 or leave-one-out")
+    params: PruneParams = PruneParams()
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: int | float) -> int | float:
+        if isinstance(v, float):
+            if 0 < v < 1:
+                return v
+            if v >= 1 and v == int(v):
+                return int(v)
+            raise ValueError("must be a whole number >= 1 or a ratio between 0 and 1")
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+
+def resolve_budget(budget: int | float, n_samples: int) -> int:
+    """As `dealrec prune --budget`: a ratio becomes max(1, int(ratio * N))."""
+    return max(1, int(budget * n_samples)) if isinstance(budget, float) else int(budget)
+
+
+def to_config(req: PruneRequest, n_samples: int, *, device: str = "auto", llm_path: str = "auto") -> PruneConfig:
+    """The core configuration of a request, once the dataset's sample count is known."""
+    p = req.params
+
+    def pick(**kw: Any) -> dict[str, Any]:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    e = p.effort
+    raw = {
+        "seed": req.seed,
+        "selection": {"method": req.method, "budget": resolve_budget(req.budget, n_samples), "seed": req.seed,
+                      **pick(**{"lambda": p.lam}, strata=p.strata, hard_prune=p.hard_prune)},
+        "surrogate": p.surrogate.model_dump(),
+        "influence": p.influence.model_dump(),
+        "effort": {"llm": llm_path, "device": device, "precision": e.precision,
+                   **pick(lora_r=e.lora_r, lora_alpha=e.lora_alpha, lora_dropout=e.lora_dropout,
+                          cutoff_len=e.cutoff_len)},
+    }
+    return PruneConfig.model_validate(raw)

@@ -1,0 +1,119 @@
+"""Turns core's progress and cancel callbacks into job-store writes and reads, cheaply.
+
+Core calls `progress(stage, fraction, message)` once per batch, which can be hundreds of times a
+second; the store gets at most one progress write per `interval_s`, one event per stage start and
+end, and one per tenth of a stage. The cancel callback reads the job's cancel flag at most every
+`poll_s`, so a cancel is honoured within one batch plus that."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from core.pipeline import STAGE_WEIGHTS
+from worker.store import Store
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = {**STAGE_WEIGHTS, "outputs": 0.01}
+
+
+class JobReporter:
+    def __init__(self, store: Store, job_id: str, stages: list[str], completed: list[str],
+                 interval_s: float = 0.5) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.stages = stages  # the stages this job's method runs, in order
+        self.completed = list(completed)
+        self.interval_s = interval_s
+        self.current: str | None = None
+        self._started = 0.0
+        self._last_write = 0.0
+        self._decile = -1
+        self._lock = threading.Lock()
+
+    def overall(self, stage: str, frac: float) -> float:
+        total = sum(WEIGHTS.get(s, 0.01) for s in self.stages) or 1.0
+        done = 0.0
+        for s in self.stages:
+            if s == stage:
+                return min(1.0, (done + WEIGHTS.get(s, 0.01) * max(0.0, min(frac, 1.0))) / total)
+            done += WEIGHTS.get(s, 0.01)
+        return min(1.0, done / total)
+
+    def __call__(self, stage: str, frac: float, msg: str = "") -> None:
+        """core's ProgressFn. Store errors are logged, never raised: progress must not kill a job."""
+        with self._lock:
+            try:
+                self._report(stage, frac, msg)
+            except redis.RedisError as exc:
+                log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
+
+    def _report(self, stage: str, frac: float, msg: str) -> None:
+        now = time.monotonic()
+        if stage != self.current:
+            self._end_current()
+            self.current, self._started, self._decile = stage, now, -1
+            self.store.add_event(self.job_id, f"stage {stage} started", stage=stage)
+            self._write(stage, frac, now)
+        elif now - self._last_write >= self.interval_s or frac >= 1.0:
+            self._write(stage, frac, now)
+        decile = int(max(0.0, min(frac, 1.0)) * 10)
+        if decile > self._decile and decile > 0:
+            self._decile = decile
+            self.store.add_event(self.job_id, msg or f"{stage} {decile * 10}%", level="debug", stage=stage,
+                                 fraction=round(frac, 4), progress=round(self.overall(stage, frac), 4))
+
+    def _write(self, stage: str, frac: float, now: float) -> None:
+        self._last_write = now
+        self.store.update_job(self.job_id, allowed=["running"], stage=stage,
+                              progress=round(self.overall(stage, frac), 4))
+
+    def _end_current(self) -> None:
+        """The stage before the current one has finished: core saved its artifact before moving on."""
+        stage = self.current
+        if stage is None:
+            return
+        seconds = time.monotonic() - self._started
+        if stage not in self.completed:
+            self.completed.append(stage)
+        self.store.update_job(self.job_id, allowed=["running"], completed_stages=self.completed)
+        self.store.add_event(self.job_id, f"stage {stage} finished", stage=stage, seconds=round(seconds, 3))
+
+    def finish(self) -> None:
+        with self._lock:
+            self._end_current()
+            self.current = None
+
+
+class CancelCheck:
+    """core's CancelFn: True when the client cancelled, the worker lost the job's lock, or the job
+    ran past its time limit. `reason` says which."""
+
+    def __init__(self, store: Store, job_id: str, lost: threading.Event, deadline: float, poll_s: float = 0.25) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.lost = lost
+        self.deadline = deadline
+        self.poll_s = poll_s
+        self.reason: str | None = None
+        self._next_poll = 0.0
+
+    def __call__(self) -> bool:
+        if self.reason:
+            return True
+        if self.lost.is_set():
+            self.reason = "lock_lost"
+        elif time.monotonic() > self.deadline:
+            self.reason = "time_limit"
+        elif time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.poll_s
+            try:
+                if self.store.cancel_requested(self.job_id):
+                    self.reason = "cancelled"
+            except redis.RedisError as exc:  # cannot see the flag now; look again next batch
+                log.warning("job %s: cancel flag unreadable (%s)", self.job_id, exc)
+        return self.reason is not None

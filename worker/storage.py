@@ -1,0 +1,97 @@
+"""Where artifacts live on disk, under the storage root shared by the API and the workers:
+
+    <root>/datasets/<id>/files/     the uploaded dataset, as core loads it
+    <root>/jobs/<id>/               a finished job's selection.json/.csv, scores.csv, bigrec_train.jsonl
+    <root>/tmp/                     uploads and job outputs being written (renamed into place when complete)
+    <root>/cache/                   core's content-addressed stage cache (default; DEALREC_CACHE_DIR)
+
+Only ids the store generated (checked by `is_valid_id`) ever become folder names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from worker.store import is_valid_id
+
+log = logging.getLogger(__name__)
+
+JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl")
+
+
+class Storage:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _checked(self, kind: str, ident: str) -> str:
+        if not is_valid_id(kind, ident):
+            raise ValueError(f"not a {kind} id: {ident!r}")
+        return ident
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.root / "datasets" / self._checked("ds", dataset_id)
+
+    def dataset_files(self, dataset_id: str) -> Path:
+        return self.dataset_dir(dataset_id) / "files"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / self._checked("job", job_id)
+
+    def job_file(self, job_id: str, name: str) -> Path:
+        if name not in JOB_FILES:
+            raise ValueError(f"not a job artifact: {name!r}")
+        return self.job_dir(job_id) / name
+
+    def tmp_dir(self, label: str) -> Path:
+        """A fresh private folder on the same file system as the final places (so rename is atomic)."""
+        base = self.root / "tmp"
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Move a completed folder into place in one rename; an older copy (a redelivered job that
+        had already published) is replaced."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            old = final.with_name(final.name + f".old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def sweep(self, job_exists, dataset_exists, tmp_max_age_s: float = 24 * 3600) -> int:
+        """Remove job folders whose records expired, dataset folders whose records are gone, and stale
+        temporary folders. Returns how many folders went."""
+        import time
+
+        removed = 0
+        for kind, sub, exists in (("job", "jobs", job_exists), ("ds", "datasets", dataset_exists)):
+            folder = self.root / sub
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if is_valid_id(kind, entry.name) and not exists(entry.name):
+                    self.remove(entry)
+                    removed += 1
+        tmp = self.root / "tmp"
+        if tmp.is_dir():
+            cutoff = time.time() - tmp_max_age_s
+            for entry in tmp.iterdir():
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        self.remove(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+                        removed += 1
+                except OSError:
+                    continue
+        if removed:
+            log.info("storage sweep removed %d folders", removed)
+        return removed

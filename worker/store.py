@@ -1,0 +1,510 @@
+"""The job store: the one module that knows every Redis key the service uses.
+
+Layout (all under the configurable prefix, default `dealrec:`):
+
+    dataset:<id>             hash, one JSON-encoded value per DatasetRecord field
+    dataset:<id>:jobs        set of the unfinished jobs that read the dataset (deletion is refused while non-empty)
+    job:<id>                 hash, one JSON-encoded value per JobRecord field
+    job:<id>:events          list of JSON events; event id n is list index n - 1
+    job:<id>:lock            the worker that runs the job (token), with a TTL its heartbeat renews
+    tenant:<t>:datasets      sorted set (all scores 0) of dataset ids: ids sort by creation time
+    tenant:<t>:jobs          sorted set (all scores 0) of job ids, the same way
+    idem:<t>:<sha256(key)>   "<job id> <request hash>" for an Idempotency-Key
+    metrics:jobs             hash: current queued/running counts, cumulative finished counts
+    metrics:stage_seconds    hash: stage -> summed seconds;  metrics:stage_count: stage -> runs
+    worker:<hostname>        a worker's liveness key, renewed while it runs
+
+Celery's own broker/backend keys carry the same prefix (kombu's `global_keyprefix`), so one prefix
+owns everything. Every read-modify-write is one Lua script, so two processes never interleave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, TypeVar
+
+import redis
+from pydantic import BaseModel
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker.models import TERMINAL, TRANSITIONS, DatasetRecord, JobEvent, JobRecord, utcnow
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=BaseModel)
+
+# Ids sort lexicographically by creation time (fixed-width hex milliseconds first), so a sorted set
+# with equal scores pages through them newest-first with ZREVRANGEBYLEX, and cursors stay valid
+# while new records arrive.
+ID_KINDS = ("ds", "job")
+
+
+def new_id(kind: str) -> str:
+    assert kind in ID_KINDS
+    return f"{kind}_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+def is_valid_id(kind: str, value: str) -> bool:
+    """Ids become Redis keys and folder names: only our own exact shape is accepted."""
+    prefix = kind + "_"
+    rest = value[len(prefix):]
+    return value.startswith(prefix) and len(rest) == 22 and all(c in "0123456789abcdef" for c in rest)
+
+
+# Update a record only if its status is one of ARGV[1] (JSON list; empty = any). ARGV[2] is the
+# new status ('' keeps it), ARGV[3] a JSON object of already JSON-encoded field values, ARGV[4] a
+# TTL in seconds applied to KEYS[1] and KEYS[4] when the new status is terminal ('0': none),
+# ARGV[5] a member removed from the set KEYS[3] then, ARGV[6] '1' to keep the job counters in
+# KEYS[2]. Returns {'ok'|'refused'|'missing', previous status}.
+_UPDATE_IF = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+local curs = cjson.decode(cur)
+local allowed = cjson.decode(ARGV[1])
+if #allowed > 0 then
+  local ok = false
+  for _, s in ipairs(allowed) do if s == curs then ok = true end end
+  if not ok then return {'refused', curs} end
+end
+local fields = cjson.decode(ARGV[3])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+local new = ARGV[2]
+if new ~= '' then
+  redis.call('HSET', KEYS[1], 'status', cjson.encode(new))
+  if ARGV[6] == '1' and new ~= curs then
+    if curs == 'queued' or curs == 'running' then redis.call('HINCRBY', KEYS[2], curs, -1) end
+    redis.call('HINCRBY', KEYS[2], new, 1)
+  end
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+    if ARGV[5] ~= '' then redis.call('SREM', KEYS[3], ARGV[5]) end
+  end
+end
+return {'ok', curs}
+"""
+
+# Create a job unless the idempotency key KEYS[5] already names one. KEYS: job hash, tenant job
+# index, dataset hash, dataset's job set, idempotency key, job counters. ARGV: job id, encoded
+# fields (JSON object), idempotency value ('' = no key), its TTL, tenant (JSON-encoded).
+_CREATE_JOB = """
+if ARGV[3] ~= '' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return {'existing', existing} end
+end
+local st = redis.call('HGET', KEYS[3], 'status')
+if (not st) or redis.call('HGET', KEYS[3], 'tenant') ~= ARGV[5] then return {'no_dataset', ''} end
+if st ~= '"ready"' then return {'dataset_not_ready', cjson.decode(st)} end
+local fields = cjson.decode(ARGV[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'queued', 1)
+if ARGV[3] ~= '' then redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[4]) end
+return {'created', ARGV[1]}
+"""
+
+# Delete a dataset record unless a job still uses it. KEYS: hash, its job set, tenant index.
+# ARGV: dataset id, tenant (JSON-encoded).
+_DELETE_DATASET = """
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[2] then return 'missing' end
+if redis.call('SCARD', KEYS[2]) > 0 then return 'busy' end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 'deleted'
+"""
+
+# Append an event; its id is its 1-based position. ARGV[1]: the event JSON without `id`.
+_APPEND_EVENT = """
+local id = redis.call('LLEN', KEYS[1]) + 1
+redis.call('RPUSH', KEYS[1], '{"id":' .. id .. ',' .. string.sub(ARGV[1], 2))
+return id
+"""
+
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class StoreError(Exception):
+    """A store operation refused for a reason the caller reports (missing record, bad transition)."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+def connect(url: str) -> redis.Redis:
+    # Short timeouts and few retries: the API answers 503 quickly while Redis is down, and the
+    # pool reconnects by itself once it is back.
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
+                                health_check_interval=15, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v, separators=(",", ":"), default=str) for k, v in fields.items()}
+
+
+def _dump(model: BaseModel) -> dict[str, str]:
+    return _encode(model.model_dump(mode="json"))
+
+
+def _load(cls: type[R], raw: dict[str, str]) -> R | None:
+    if not raw:
+        return None
+    return cls.model_validate({k: json.loads(v) for k, v in raw.items()})
+
+
+class Store:
+    """Datasets, jobs, events, idempotency keys, job locks and metrics in Redis."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "dealrec:", job_ttl_s: int = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.job_ttl_s = job_ttl_s
+        self._update_if = client.register_script(_UPDATE_IF)
+        self._create_job = client.register_script(_CREATE_JOB)
+        self._delete_dataset = client.register_script(_DELETE_DATASET)
+        self._append_event = client.register_script(_APPEND_EVENT)
+        self._renew_lock = client.register_script(_RENEW_LOCK)
+        self._release_lock = client.register_script(_RELEASE_LOCK)
+
+    @classmethod
+    def from_settings(cls, settings) -> "Store":
+        return cls(connect(settings.redis_url), settings.key_prefix, settings.job_ttl_s)
+
+    # ---- keys ---------------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _dataset(self, dataset_id: str) -> str:
+        return self.key("dataset", dataset_id)
+
+    def _dataset_jobs(self, dataset_id: str) -> str:
+        return self.key("dataset", dataset_id, "jobs")
+
+    def _job(self, job_id: str) -> str:
+        return self.key("job", job_id)
+
+    def _events(self, job_id: str) -> str:
+        return self.key("job", job_id, "events")
+
+    def _lock(self, job_id: str) -> str:
+        return self.key("job", job_id, "lock")
+
+    def _index(self, tenant: str, kind: str) -> str:
+        return self.key("tenant", tenant, kind)
+
+    def _idem(self, tenant: str, idem_key: str) -> str:
+        return self.key("idem", tenant, hashlib.sha256(idem_key.encode()).hexdigest())
+
+    def _metrics(self, name: str) -> str:
+        return self.key("metrics", name)
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    # ---- datasets -----------------------------------------------------------------------------
+    def create_dataset(self, rec: DatasetRecord) -> None:
+        with self.r.pipeline() as p:  # MULTI/EXEC: the record and its index appear together
+            p.hset(self._dataset(rec.id), mapping=_dump(rec))
+            p.zadd(self._index(rec.tenant, "datasets"), {rec.id: 0})
+            p.execute()
+
+    def get_dataset(self, dataset_id: str, tenant: str | None = None) -> DatasetRecord | None:
+        rec = _load(DatasetRecord, self.r.hgetall(self._dataset(dataset_id)))
+        return rec if rec is not None and (tenant is None or rec.tenant == tenant) else None
+
+    def update_dataset(self, dataset_id: str, *, allowed: Iterable[str] = (), status: str = "",
+                       **fields: Any) -> bool:
+        """Set fields (and status) if the dataset's status is in `allowed` (empty: any)."""
+        res, _ = self._update_if(keys=[self._dataset(dataset_id), self._metrics("datasets"), "", ""],
+                                 args=[json.dumps(list(allowed)), status, json.dumps(_encode(fields)), 0, "", "0"])
+        return res == "ok"
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> str:
+        """'deleted', 'busy' (a job uses it) or 'missing'."""
+        return self._delete_dataset(keys=[self._dataset(dataset_id), self._dataset_jobs(dataset_id),
+                                          self._index(tenant, "datasets")],
+                                    args=[dataset_id, json.dumps(tenant)])
+
+    def list_datasets(self, tenant: str, cursor: str | None = None, limit: int = 50
+                      ) -> tuple[list[DatasetRecord], str | None]:
+        return self._page(self._index(tenant, "datasets"), DatasetRecord, self._dataset, cursor, limit, None)
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def create_job(self, rec: JobRecord, idempotency_key: str | None = None, request_hash: str = ""
+                   ) -> tuple[JobRecord, bool]:
+        """Store a queued job; returns (job, created). With an idempotency key already used by this
+        tenant, returns the earlier job (created False) or raises `idempotency_conflict` when the
+        earlier request differs."""
+        idem_key = self._idem(rec.tenant, idempotency_key) if idempotency_key else self.key("idem", "-")
+        value = f"{rec.id} {request_hash}" if idempotency_key else ""
+        status, detail = self._create_job(
+            keys=[self._job(rec.id), self._index(rec.tenant, "jobs"), self._dataset(rec.dataset_id),
+                  self._dataset_jobs(rec.dataset_id), idem_key, self._metrics("jobs")],
+            args=[rec.id, json.dumps(_dump(rec)), value, self.job_ttl_s, json.dumps(rec.tenant)])
+        if status == "existing":
+            job_id, _, old_hash = detail.partition(" ")
+            if old_hash != request_hash:
+                raise StoreError("idempotency_conflict",
+                                 "this Idempotency-Key was used with a different request", job_id=job_id)
+            old = self.get_job(job_id)
+            if old is None:  # expired together with its job: the key is free again
+                self.r.delete(idem_key)
+                return self.create_job(rec, idempotency_key, request_hash)
+            return old, False
+        if status == "no_dataset":
+            raise StoreError("not_found", f"dataset {rec.dataset_id} not found")
+        if status == "dataset_not_ready":
+            raise StoreError("dataset_not_ready", f"dataset {rec.dataset_id} is {detail}, not ready",
+                             dataset_status=detail)
+        return rec, True
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        rec = _load(JobRecord, self.r.hgetall(self._job(job_id)))
+        return rec if rec is not None and (tenant is None or rec.tenant == tenant) else None
+
+    def list_jobs(self, tenant: str, status: str | None = None, cursor: str | None = None, limit: int = 50
+                  ) -> tuple[list[JobRecord], str | None]:
+        return self._page(self._index(tenant, "jobs"), JobRecord, self._job, cursor, limit, status)
+
+    def update_job(self, job_id: str, *, allowed: Iterable[str], **fields: Any) -> bool:
+        """Write fields only while the job's status is in `allowed`, so a worker that lost its job
+        (cancelled, or taken over) cannot overwrite what happened since."""
+        fields.setdefault("updated_at", utcnow().isoformat())
+        res, _ = self._update_if(keys=[self._job(job_id), self._metrics("jobs"), "", ""],
+                                 args=[json.dumps(list(allowed)), "", json.dumps(_encode(fields)), 0, "", "0"])
+        return res == "ok"
+
+    def transition(self, job_id: str, new: str, *, only_from: Iterable[str] | None = None, **fields: Any) -> str:
+        """Checked status change (see models.TRANSITIONS, narrowed by `only_from`); returns the
+        previous status. Raises StoreError('invalid_transition') when not allowed, ('not_found')
+        when the job is gone. A job reaching a terminal status starts its expiry clock and frees its dataset."""
+        allowed = [s for s, targets in TRANSITIONS.items() if new in targets]
+        if only_from is not None:
+            allowed = [s for s in allowed if s in set(only_from)]
+        now = utcnow().isoformat()
+        fields.setdefault("updated_at", now)
+        if new in TERMINAL:
+            fields.setdefault("finished_at", now)
+        dataset_id = json.loads(self.r.hget(self._job(job_id), "dataset_id") or "null")
+        terminal = new in TERMINAL
+        res, prev = self._update_if(
+            keys=[self._job(job_id), self._metrics("jobs"),
+                  self._dataset_jobs(dataset_id) if dataset_id else self.key("none"), self._events(job_id)],
+            args=[json.dumps(allowed), new, json.dumps(_encode(fields)), self.job_ttl_s if terminal else 0,
+                  job_id if terminal else "", "1"])
+        if res == "missing":
+            raise StoreError("not_found", f"job {job_id} not found")
+        if res == "refused":
+            raise StoreError("invalid_transition", f"job {job_id} is {prev}; it cannot become {new}", status=prev)
+        return prev
+
+    def request_cancel(self, job_id: str) -> str:
+        """Cancel: a queued job becomes cancelled at once; a running one gets its cancel flag, which
+        its worker polls between batches. Returns the status the job had."""
+        try:
+            return self.transition(job_id, "cancelled", only_from=["queued"],
+                                   error={"code": "cancelled", "message": "cancelled by request"})
+        except StoreError as exc:
+            if exc.code != "invalid_transition" or exc.extra.get("status") != "running":
+                raise
+        # Running (or it just started): flag it. update_job refuses if it finished meanwhile.
+        if self.update_job(job_id, allowed=["running"], cancel_requested=True):
+            return "running"
+        job = self.get_job(job_id)
+        if job is None:
+            raise StoreError("not_found", f"job {job_id} not found")
+        if job.status == "queued":  # went back? cannot happen today, but never leave it uncancelled
+            return self.request_cancel(job_id)
+        raise StoreError("invalid_transition", f"job {job_id} is already {job.status}", status=job.status)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return json.loads(self.r.hget(self._job(job_id), "cancel_requested") or "false") is True
+
+    def record_stage_time(self, stage: str, seconds: float) -> None:
+        with self.r.pipeline() as p:
+            p.hincrbyfloat(self._metrics("stage_seconds"), stage, seconds)
+            p.hincrby(self._metrics("stage_count"), stage, 1)
+            p.execute()
+
+    # ---- events -------------------------------------------------------------------------------
+    def add_event(self, job_id: str, message: str, level: str = "info", **data: Any) -> int:
+        body = json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": message, "data": data},
+                          separators=(",", ":"), default=str)
+        return int(self._append_event(keys=[self._events(job_id)], args=[body]))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> tuple[list[JobEvent], bool]:
+        """Events with id > after, oldest first, and whether more follow."""
+        raw = self.r.lrange(self._events(job_id), after, after + limit)  # one extra: has_more
+        return [JobEvent.model_validate_json(x) for x in raw[:limit]], len(raw) > limit
+
+    # ---- locks and liveness -------------------------------------------------------------------
+    def job_lock(self, job_id: str, ttl_s: float) -> "JobLock":
+        return JobLock(self, self._lock(job_id), ttl_s)
+
+    def worker_alive(self, hostname: str, ttl_s: float) -> None:
+        self.r.set(self.key("worker", hostname), utcnow().isoformat(), px=int(ttl_s * 1000))
+
+    def worker_gone(self, hostname: str) -> None:
+        self.r.delete(self.key("worker", hostname))
+
+    def live_workers(self) -> list[str]:
+        start = len(self.key("worker", ""))
+        return [k[start:] for k in self.r.scan_iter(match=self.key("worker", "*"), count=100)]
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def metrics_snapshot(self) -> dict[str, dict[str, float]]:
+        with self.r.pipeline(transaction=False) as p:
+            p.hgetall(self._metrics("jobs"))
+            p.hgetall(self._metrics("stage_seconds"))
+            p.hgetall(self._metrics("stage_count"))
+            jobs, secs, counts = p.execute()
+        return {"jobs": {k: float(v) for k, v in jobs.items()},
+                "stage_seconds": {k: float(v) for k, v in secs.items()},
+                "stage_count": {k: float(v) for k, v in counts.items()}}
+
+    def queue_depth(self, queues: Iterable[str], client: redis.Redis | None = None) -> dict[str, int]:
+        """Messages waiting in each Celery queue. Kombu keeps a Redis queue as a list named after
+        it (plus one list per priority step), under the same global prefix."""
+        c = client or self.r
+        out = {}
+        for q in queues:
+            names = [self.prefix + q] + [f"{self.prefix}{q}\x06\x16{n}" for n in range(1, 10)]
+            with c.pipeline(transaction=False) as p:
+                for n in names:
+                    p.llen(n)
+                out[q] = int(sum(p.execute()))
+        return out
+
+    def job_exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._job(job_id)))
+
+    def dataset_exists(self, dataset_id: str) -> bool:
+        return bool(self.r.exists(self._dataset(dataset_id)))
+
+    # ---- test / maintenance -------------------------------------------------------------------
+    def delete_all(self) -> int:
+        """Delete every key under this prefix (tests; never used by the service itself)."""
+        n = 0
+        for batch in _chunks(self.r.scan_iter(match=self.prefix + "*", count=500), 500):
+            n += self.r.delete(*batch)
+        return n
+
+    # ---- paging -------------------------------------------------------------------------------
+    def _page(self, index: str, cls: type[R], key_of, cursor: str | None, limit: int, status: str | None
+              ) -> tuple[list[R], str | None]:
+        """Newest first. The cursor is the last id of the previous page; records that expired are
+        dropped from the index as they are met."""
+        out: list[R] = []
+        top = f"({cursor}" if cursor else "+"
+        chunk = max(limit, 20)
+        while len(out) < limit:
+            ids = self.r.zrevrangebylex(index, top, "-", start=0, num=chunk)
+            if not ids:
+                return out, None
+            with self.r.pipeline(transaction=False) as p:
+                for i in ids:
+                    p.hgetall(key_of(i))
+                raws = p.execute()
+            gone = []
+            for i, raw in zip(ids, raws):
+                rec = _load(cls, raw)
+                if rec is None:
+                    gone.append(i)
+                    continue
+                if status is not None and getattr(rec, "status", None) != status:
+                    continue
+                out.append(rec)
+                if len(out) == limit:
+                    more = i != ids[-1] or bool(self.r.zrevrangebylex(index, f"({i}", "-", start=0, num=1))
+                    return out, (i if more else None)
+            if gone:
+                self.r.zrem(index, *gone)
+            top = f"({ids[-1]}"
+        return out, None
+
+
+def _chunks(it: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class JobLock:
+    """Who runs a job. Taken with SET NX PX; a heartbeat thread renews it every ttl/3 while the
+    worker runs, so it outlives any stage, yet frees itself within `ttl` of a worker's death."""
+
+    def __init__(self, store: Store, key: str, ttl_s: float) -> None:
+        self.store = store
+        self.key = key
+        self.ttl_ms = int(ttl_s * 1000)
+        self.token = secrets.token_hex(8)
+        self.lost = threading.Event()  # set when the lock could not be renewed: stop working
+
+    def acquire(self) -> bool:
+        return bool(self.store.r.set(self.key, self.token, nx=True, px=self.ttl_ms))
+
+    def remaining_s(self) -> float:
+        ms = self.store.r.pttl(self.key)
+        return max(ms, 0) / 1000.0
+
+    def renew(self) -> bool:
+        return bool(self.store._renew_lock(keys=[self.key], args=[self.token, self.ttl_ms]))
+
+    def release(self) -> None:
+        try:
+            self.store._release_lock(keys=[self.key], args=[self.token])
+        except redis.RedisError as exc:  # it expires by itself
+            log.warning("could not release %s: %s", self.key, exc)
+
+    @contextmanager
+    def keepalive(self) -> Iterator["JobLock"]:
+        stop = threading.Event()
+        interval = self.ttl_ms / 3000.0
+
+        def beat() -> None:
+            last_ok = time.monotonic()
+            while not stop.wait(interval):
+                try:
+                    if self.renew():
+                        last_ok = time.monotonic()
+                        continue
+                    log.error("lock %s was taken over or expired: abandoning the job", self.key)
+                    self.lost.set()
+                    return
+                except redis.RedisError as exc:
+                    # Redis away for a moment: keep trying until the lock would have expired.
+                    log.warning("lock %s not renewed (%s)", self.key, exc)
+                    if (time.monotonic() - last_ok) * 1000 > self.ttl_ms:
+                        self.lost.set()
+                        return
+
+        thread = threading.Thread(target=beat, name=f"lock-{self.key}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.release()

@@ -1,0 +1,130 @@
+"""Celery tasks. Each is a thin shell: the work is in `validation` and `runner`, the state in the store.
+
+For now one task runs a whole job, on the `cpu` queue, or on `DEALREC_EFFORT_QUEUE` (e.g. `gpu`)
+when its method needs the LLM: per-stage tasks (surrogate on cpu, effort on gpu) are a later step."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from functools import lru_cache
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from worker.celery_app import TASK_PRUNE, TASK_SWEEP, TASK_VALIDATE, app
+from worker.config import get_settings
+from worker.storage import Storage
+from worker.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _context() -> tuple[Store, Storage]:
+    settings = get_settings()
+    return Store.from_settings(settings), Storage(settings.data_dir)
+
+
+@app.task(name=TASK_VALIDATE, bind=True, acks_late=True, time_limit=get_settings().validate_time_limit_s + 30,
+          soft_time_limit=get_settings().validate_time_limit_s)
+def validate_dataset(self, dataset_id: str) -> str:
+    from worker.validation import validate_dataset as validate
+
+    store, storage = _context()
+    return validate(store, storage, dataset_id)
+
+
+@app.task(name=TASK_PRUNE, bind=True, acks_late=True, max_retries=None)
+def run_prune_job(self, job_id: str) -> str:
+    """Run a job unless another worker holds its lock. A redelivered message for a job still
+    running elsewhere is retried after the lock's TTL: if that worker died, the lock has lapsed
+    by then and this one resumes the job; if the job finished, the retry finds it done."""
+    from worker.runner import JobRunner
+
+    settings = get_settings()
+    store, storage = _context()
+    job = store.get_job(job_id)
+    if job is None or job.status not in ("queued", "running"):
+        log.info("job %s: nothing to do (%s)", job_id, job.status if job else "expired")
+        return job.status if job else "missing"
+    lock = store.job_lock(job_id, settings.lock_ttl_s)
+    if not lock.acquire():
+        wait = max(1.0, lock.remaining_s() + 0.5)
+        log.info("job %s is locked by another worker; retrying in %.1f s", job_id, wait)
+        raise self.retry(countdown=wait)
+    try:
+        with lock.keepalive():
+            return JobRunner(store, storage, settings, job_id, lock).run()
+    except redis.RedisError as exc:
+        # The store went away mid-job (the runner turns every other error into a job status).
+        # Run it again later: finished stages come back from the cache.
+        log.warning("job %s: job store unavailable (%s); retrying", job_id, exc)
+        raise self.retry(countdown=settings.lock_ttl_s, exc=exc)
+
+
+@app.task(name=TASK_SWEEP)
+def sweep_storage() -> int:
+    store, storage = _context()
+    return storage.sweep(store.job_exists, store.dataset_exists)
+
+
+class _Heartbeat:
+    """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
+    cannot answer Celery's control.ping, yet it is there."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="dealrec-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        settings = get_settings()
+        store, _ = _context()
+        while True:
+            try:
+                store.worker_alive(self.name, settings.worker_heartbeat_s * 3)
+            except redis.RedisError as exc:
+                log.warning("heartbeat not written: %s", exc)
+            if self.stop.wait(settings.worker_heartbeat_s):
+                break
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            _context()[0].worker_gone(self.name)
+        except redis.RedisError:
+            pass
+
+
+_heartbeat = _Heartbeat()
+
+
+@worker_ready.connect
+def _on_ready(**_: object) -> None:
+    settings = get_settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, as in the CLI
+    os.environ.setdefault("DEALREC_CACHE_DIR", str(settings.cache_root))
+    _heartbeat.start()
+    try:
+        sweep_storage()
+    except (redis.RedisError, OSError) as exc:
+        log.warning("storage sweep skipped: %s", exc)
+    # Import core now (torch, transformers) rather than inside the first job.
+    import worker.runner  # noqa: F401
+    log.info("dealrec worker ready (data %s, cache %s)", settings.data_dir, settings.cache_root)
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: object) -> None:
+    _heartbeat.close()
