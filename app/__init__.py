@@ -1,0 +1,1 @@
+"""dealrec REST API (FastAPI): datasets, prune jobs, results; state in the job store (`worker.store`)."""

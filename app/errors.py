@@ -1,0 +1,99 @@
+"""Every error the API returns is JSON: {"error": {"code", "message", ...}}. Never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.store import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, http_status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status = http_status
+        self.code = code
+        self.message = message
+        self.headers = headers
+        self.extra = extra
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict:
+    return {"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}}
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    # The same answer for "does not exist" and "belongs to another tenant": nothing leaks.
+    return ApiError(404, "not_found", f"{kind} {ident} not found")
+
+
+_STORE_STATUS = {"not_found": 404, "dataset_not_ready": 409, "invalid_transition": 409, "idempotency_conflict": 409}
+
+
+# Pydantic names the member of a union that failed (budget.int, budget.float): the client sent `budget`.
+_UNION_TAGS = {"int", "float", "str", "bool", "none"}
+
+
+def _field(loc: tuple | list) -> str:
+    parts = [str(x) for x in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    while len(parts) > 1 and parts[-1] in _UNION_TAGS:
+        parts.pop()
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, **exc.extra), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, str(exc), **exc.extra), status_code=_STORE_STATUS.get(exc.code, 409))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        details = []
+        for e in errors:
+            item = {"field": _field(e.get("loc", ())), "message": e.get("msg", "invalid")}
+            if not any(d["field"] == item["field"] for d in details):  # one line per field
+                details.append(item)
+        first = details[0] if details else {"field": "body", "message": "invalid request"}
+        return JSONResponse(error_body("invalid_request", f"{first['field']}: {first['message']}",
+                                       field=first["field"], details=details), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unavailable: %s", exc)
+        return JSONResponse(error_body("store_unavailable", "the job store (Redis) is unavailable; retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(OperationalError)
+    async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("broker unavailable: %s", exc)
+        return JSONResponse(error_body("broker_unavailable", "the task queue is unavailable; retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", "internal error"), status_code=500)

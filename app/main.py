@@ -1,0 +1,37 @@
+"""The FastAPI application. Run with `dealrec serve` (or `uvicorn --factory app.main:create_app`).
+
+`create_app` refuses to build without API keys unless `DEALREC_AUTH_DISABLED=1`: a service that
+silently accepts anyone is worse than one that does not start."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app import errors
+from app.auth import Authenticator, load_keys
+from app.context import ServiceContext
+from app.routes import datasets, jobs, ops
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """DEALRec data pruning over HTTP: upload a dataset, start a pruning job, poll it,
+download the selected sample ids. Authenticate with `Authorization: Bearer <key>`.
+Every error is JSON: `{"error": {"code": "...", "message": "..."}}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    keys = load_keys(settings)  # raises ConfigError: no keys and auth not disabled
+    if settings.auth_disabled:
+        log.warning("authentication is DISABLED (DEALREC_AUTH_DISABLED=1): every request is tenant 'default'")
+    app = FastAPI(title="dealrec", version="1", description=DESCRIPTION, docs_url="/docs")
+    app.state.ctx = ServiceContext.build(settings)
+    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled)
+    errors.install(app)
+    app.include_router(datasets.router, prefix="/v1")
+    app.include_router(jobs.router, prefix="/v1")
+    app.include_router(ops.router)
+    return app

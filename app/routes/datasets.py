@@ -1,0 +1,104 @@
+"""/v1/datasets: upload (validated asynchronously by a worker), list, read, delete."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app.archives import unpack
+from app.auth import require_tenant
+from app.context import ServiceContext, checked_id, get_ctx
+from app.errors import ApiError, not_found
+from app.filenames import is_archive
+from app.schemas import DatasetList, DatasetOut
+from app.uploads import receive_files
+from worker.celery_app import TASK_VALIDATE
+from worker.models import DatasetRecord
+from worker.store import new_id
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["datasets"])
+
+_UPLOAD_DOC = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "the dataset's files (DEALRec layout, interaction log + items "
+                                                "table, RecBole atomic files) or one .zip / .tar.gz holding them"}}}}}},
+}
+
+
+@router.post("/datasets", status_code=202, response_model=DatasetOut, openapi_extra=_UPLOAD_DOC,
+             responses={413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
+async def upload_dataset(request: Request, tenant: str = Depends(require_tenant),
+                         name: str | None = Query(None, max_length=200, description="a label for the dataset")
+                         ) -> DatasetOut:
+    """Stream the files to storage; a worker then validates them (`validating` -> `ready` | `invalid`)."""
+    ctx = get_ctx(request)
+    s = ctx.settings
+    tmp = await run_in_threadpool(ctx.storage.tmp_dir, "upload")
+    try:
+        raw = tmp / "raw"
+        raw.mkdir()
+        files = await receive_files(request, raw, s.max_upload_bytes)
+        archives = [f for f in files if is_archive(f.name)]
+        if archives:
+            if len(files) != 1:
+                raise ApiError(400, "invalid_request", "send either one archive or the data files, not both")
+            files = await run_in_threadpool(unpack, raw / archives[0].name, tmp / "files",
+                                            s.max_unpacked_bytes, s.max_archive_files)
+        else:
+            os.rename(raw, tmp / "files")
+        rec = DatasetRecord(id=new_id("ds"), tenant=tenant, name=name, files=files)
+        await run_in_threadpool(_register, ctx, rec, tmp / "files")
+        return DatasetOut.of(rec)
+    finally:
+        await run_in_threadpool(ctx.storage.remove, tmp)
+
+
+def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
+    """Record, then files into place, then the validation task: each step only once the one before
+    it held, and undone if the queue refuses the task."""
+    ctx.store.create_dataset(rec)
+    try:
+        final = ctx.storage.dataset_files(rec.id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        ctx.storage.publish(files_dir, final)
+        ctx.celery.send_task(TASK_VALIDATE, args=[rec.id], queue="cpu")
+    except Exception:
+        ctx.store.delete_dataset(rec.tenant, rec.id)
+        ctx.storage.remove(ctx.storage.dataset_dir(rec.id))
+        raise
+
+
+@router.get("/datasets", response_model=DatasetList)
+def list_datasets(request: Request, tenant: str = Depends(require_tenant),
+                  cursor: str | None = Query(None, max_length=64), limit: int = Query(50, ge=1, le=200)) -> DatasetList:
+    items, nxt = get_ctx(request).store.list_datasets(tenant, cursor, limit)
+    return DatasetList(items=[DatasetOut.of(d) for d in items], next_cursor=nxt)
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant)) -> DatasetOut:
+    checked_id("ds", dataset_id, "dataset")
+    rec = get_ctx(request).store.get_dataset(dataset_id, tenant)
+    if rec is None:
+        raise not_found("dataset", dataset_id)
+    return DatasetOut.of(rec)
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204, response_class=Response,
+               responses={409: {"description": "a queued or running job uses the dataset"}})
+def delete_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant)) -> Response:
+    checked_id("ds", dataset_id, "dataset")
+    ctx = get_ctx(request)
+    outcome = ctx.store.delete_dataset(tenant, dataset_id)
+    if outcome == "missing":
+        raise not_found("dataset", dataset_id)
+    if outcome == "busy":
+        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by a queued or running job")
+    ctx.storage.remove(ctx.storage.dataset_dir(dataset_id))
+    return Response(status_code=204)

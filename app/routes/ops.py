@@ -1,0 +1,70 @@
+"""Operational endpoints, without authentication (probes and scrapers carry no keys; nothing here
+names a tenant's data): /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from app.context import get_ctx
+from app.errors import error_body
+from app.metrics import render_metrics
+from worker.celery_app import QUEUES
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    """The process is alive (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Redis unreachable or no worker answering"}})
+def readyz(request: Request) -> JSONResponse:
+    """Redis answers PING and at least one worker is there: it answers Celery's control.ping, or,
+    busy with a job in a solo pool (which answers nothing until the job ends), its heartbeat is fresh."""
+    ctx = get_ctx(request)
+    checks: dict[str, object] = {}
+    try:
+        checks["redis"] = ctx.store.ping()
+    except redis.RedisError as exc:
+        checks["redis"] = False
+        log.warning("readyz: redis: %s", exc)
+    workers: list[str] = []
+    if checks["redis"]:
+        try:
+            replies = ctx.celery.control.ping(timeout=ctx.settings.ping_timeout_s) or []
+            workers = sorted(name for reply in replies for name in reply)
+            checks["workers_ping"] = len(workers)
+            if not workers:
+                workers = ctx.store.live_workers()
+                checks["workers_heartbeat"] = len(workers)
+        except Exception as exc:  # noqa: BLE001 - any broker trouble means "not ready", never a 500
+            log.warning("readyz: worker ping: %s", exc)
+            checks["workers_ping"] = 0
+    checks["workers"] = workers
+    if checks["redis"] and workers:
+        return JSONResponse({"status": "ready", "checks": checks})
+    reason = "Redis is unreachable" if not checks["redis"] else "no worker is answering"
+    return JSONResponse(error_body("not_ready", reason, checks=checks), status_code=503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus text format: jobs by status, stage durations, queue depth, live workers."""
+    ctx = get_ctx(request)
+    try:
+        snap = ctx.store.metrics_snapshot()
+        depth = ctx.store.queue_depth(QUEUES, ctx.broker)
+        workers = len(ctx.store.live_workers())
+        up = 1
+    except redis.RedisError as exc:
+        log.warning("metrics: redis: %s", exc)
+        snap, depth, workers, up = {"jobs": {}, "stage_seconds": {}, "stage_count": {}}, {}, 0, 0
+    return PlainTextResponse(render_metrics(snap, depth, workers, up),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
