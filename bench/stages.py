@@ -167,7 +167,9 @@ def main(argv=None) -> int:
     report = {
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "users": ds.n_users,
-        "stages": {k: {"seconds": round(v.seconds, 3), "peak_rss_mb": round(v.peak_rss_mb, 1)} for k, v in stages.items()},
+        "stages": {k: {"seconds": round(v.seconds, 3), "peak_rss_mb": round(v.peak_rss_mb, 1),
+                       **({"child_peak_rss_mb": round(v.child_peak_rss_mb, 1)} if v.child_peak_rss_mb else {})}
+                   for k, v in stages.items()},
         "speedup": {"influence_grads": round(grads["speedup"], 2),
                     "effort": round(effort["speedup_stage"], 2),
                     "effort_fp32": round(effort["speedup_fp32"], 2)},
@@ -187,9 +189,10 @@ def main(argv=None) -> int:
 
 def _print_table(r: dict) -> None:
     print(f"device: {r['device']}, users: {r['users']}")
-    print(f"{'stage':<11}{'seconds':>10}{'peak MB':>10}")
+    print(f"{'stage':<11}{'seconds':>10}{'peak MB':>10}  (+ largest worker process)")
     for name, v in r["stages"].items():
-        print(f"{name:<11}{v['seconds']:>10.2f}{v['peak_rss_mb']:>10.0f}")
+        child = f"  + {v['child_peak_rss_mb']:.0f}" if v.get("child_peak_rss_mb") else ""
+        print(f"{name:<11}{v['seconds']:>10.2f}{v['peak_rss_mb']:>10.0f}{child}")
     g, e = r["influence_grads"], r["effort"]
     print(f"per-sample influence gradients ({g['samples']} samples): batched {g['batched_s_per_sample'] * 1e6:.1f} us/sample, loop "
           f"{g['loop_s_per_sample'] * 1e6:.1f} us/sample -> {g['speedup']:.1f}x (max rel. error {g['max_rel_error']:.1e})")

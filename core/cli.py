@@ -206,6 +206,8 @@ def _summary(result, paths) -> None:
     out.write(f"{'stage':<11}{'seconds':>10}{'peak MB':>10}  note\n")
     for name, rec in result.stages.items():
         note = "skipped (not needed by this method)" if rec.skipped else ("reused from cache" if rec.cached else "")
+        if rec.child_peak_rss_mb:
+            note = f"worker processes peaked at {rec.child_peak_rss_mb:.0f} MB each"
         out.write(f"{name:<11}{rec.seconds:>10.1f}{rec.peak_rss_mb:>10.0f}  {note}\n")
     rep = result.surrogate_report
     if rep and rep.get("test"):

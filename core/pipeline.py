@@ -37,7 +37,8 @@ CancelFn = Callable[[], bool]
 @dataclass
 class StageRecord:
     seconds: float = 0.0
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # this process
+    child_peak_rss_mb: float = 0.0  # the largest helper process the stage started (effort on CPU), if any
     cached: bool = False
     skipped: bool = False
 
@@ -74,6 +75,7 @@ class StageTimer:
         self.interval = interval
 
     def __enter__(self) -> StageRecord:
+        self._children_before = _children_peak_mb()
         self._stop = threading.Event()
         self._peak = current_rss_mb()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -90,6 +92,14 @@ class StageTimer:
         self._stop.set()
         self._thread.join()
         self.rec.peak_rss_mb = max(self.rec.peak_rss_mb, self._peak, current_rss_mb())
+        children = _children_peak_mb()
+        if children > self._children_before:  # a child of this stage set a new high
+            self.rec.child_peak_rss_mb = max(self.rec.child_peak_rss_mb, children)
+
+
+def _children_peak_mb() -> float:
+    """Peak RSS of the largest terminated child process so far (the OS keeps only the maximum)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 def resolve_device(device: str) -> torch.device:
