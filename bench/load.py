@@ -35,7 +35,6 @@ import ipaddress
 import json
 import math
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -53,6 +52,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core.data.synthetic import dealrec_layout_files  # noqa: E402
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -84,23 +85,7 @@ def free_port() -> int:
 
 
 def tiny_dataset(n_users: int = 200, n_items: int = 60, seed: int = 0) -> dict[str, bytes]:
-    """A valid DEALRec layout: each user's training line of 4-9 items, one valid and one test item."""
-    rng = random.Random(seed)
-    train, valid, test = [], [], []
-    for u in range(1, n_users + 1):
-        seq = [rng.randint(1, n_items) for _ in range(rng.randint(6, 11))]
-        train.append(f"{u} " + " ".join(map(str, seq[:-2])))
-        valid.append(f"{u} {seq[-2]}")
-        test.append(f"{u} {seq[-1]}")
-    items = ["item_id\tsource_item_id\ttitle"] + [f"{i}\tB{i:05d}\tGame number {i}" for i in range(1, n_items + 1)]
-    users = ["user_id\tsource_user_id"] + [f"{u}\tU{u:04d}" for u in range(1, n_users + 1)]
-    return {
-        "sequential_train.txt": ("\n".join(train) + "\n").encode(),
-        "sequential_valid.txt": ("\n".join(valid) + "\n").encode(),
-        "sequential_test.txt": ("\n".join(test) + "\n").encode(),
-        "items.tsv": ("\n".join(items) + "\n").encode(),
-        "users.tsv": ("\n".join(users) + "\n").encode(),
-    }
+    return dealrec_layout_files(n_users, n_items, seed)
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.2):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import random
 import time
 from pathlib import Path
 from typing import Callable
+from core.data.synthetic import dealrec_layout_files
 
 KEYS = {"acme": "acme-key-0123456789abcdef", "other": "other-key-0123456789abcdef"}
 
@@ -16,23 +16,7 @@ def auth(tenant: str) -> dict[str, str]:
 
 
 def tiny_dataset(n_users: int = 40, n_items: int = 30, seed: int = 0) -> dict[str, bytes]:
-    """A valid DEALRec layout: each user's train line of 4-9 items, one valid and one test item."""
-    rng = random.Random(seed)
-    train, valid, test = [], [], []
-    for u in range(1, n_users + 1):
-        seq = [rng.randint(1, n_items) for _ in range(rng.randint(6, 11))]
-        train.append(f"{u} " + " ".join(map(str, seq[:-2])))
-        valid.append(f"{u} {seq[-2]}")
-        test.append(f"{u} {seq[-1]}")
-    items = ["item_id\tsource_item_id\ttitle"] + [f"{i}\tB{i:05d}\tGame number {i}" for i in range(1, n_items + 1)]
-    users = ["user_id\tsource_user_id"] + [f"{u}\tU{u:04d}" for u in range(1, n_users + 1)]
-    return {
-        "sequential_train.txt": ("\n".join(train) + "\n").encode(),
-        "sequential_valid.txt": ("\n".join(valid) + "\n").encode(),
-        "sequential_test.txt": ("\n".join(test) + "\n").encode(),
-        "items.tsv": ("\n".join(items) + "\n").encode(),
-        "users.tsv": ("\n".join(users) + "\n").encode(),
-    }
+    return dealrec_layout_files(n_users, n_items, seed)
 
 
 def write_dataset(folder: Path, files: dict[str, bytes]) -> Path:
