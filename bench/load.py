@@ -129,7 +129,7 @@ class Service:
 
     def dealrec(self, *argv: str, name: str) -> subprocess.Popen:
         logf = open(self.tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", *argv], cwd=ROOT, env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *argv], cwd=ROOT, env=self.env,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
         self.procs.append((name, proc))

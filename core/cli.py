@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
@@ -42,7 +43,8 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The core commands; `extra_commands(subparsers)` may add more (the service adds serve and worker)."""
     p = argparse.ArgumentParser(prog="dealrec", description="DEALRec data pruning for LLM-based recommenders.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,20 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(ins)
     ins.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
-    # The service (app/, worker/) needs the `service` extras; imported only by these two commands.
-    sv = sub.add_parser("serve", help="run the REST API (configured by DEALREC_* variables)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--workers", type=int, default=1, help="API processes")
-    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-    wk = sub.add_parser("worker", help="run a Celery worker for the service's jobs")
-    wk.add_argument("--queues", default="cpu,gpu", help="comma-separated: cpu, gpu")
-    wk.add_argument("--concurrency", type=int, default=None, help="parallel tasks (default: 1 for solo)")
-    wk.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"],
-                    help="solo (default) or threads on a GPU: CUDA must not be forked")
-    wk.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")
-    wk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    if extra_commands is not None:
+        extra_commands(sub)
     return p
 
 
@@ -224,52 +214,16 @@ def _summary(result, paths) -> None:
         out.write(f"wrote {path}\n")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-
-        from app.auth import load_keys
-        from worker.config import ConfigError, Settings
-    except ImportError as exc:
-        raise UsageError(f"'dealrec serve' needs the service extras (pip install 'dealrec[service]'): {exc}") from None
-    try:
-        load_keys(Settings.from_env())  # refuse to start without keys, with a message instead of a traceback
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level)
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - {"cpu", "gpu"})
-    if not queues or unknown:
-        raise UsageError(f"--queues must name cpu and/or gpu, not {', '.join(unknown) or 'nothing'}")
-    if "gpu" in queues and args.pool == "prefork":
-        raise UsageError("a worker on the gpu queue must not fork after CUDA is initialised: use --pool solo or threads")
-    try:
-        from worker.celery_app import app
-    except ImportError as exc:
-        raise UsageError(f"'dealrec worker' needs the service extras (pip install 'dealrec[service]'): {exc}") from None
-    argv = ["worker", "-Q", ",".join(queues), "--pool", args.pool, "--loglevel", args.log_level.upper()]
-    if args.concurrency:
-        argv += ["--concurrency", str(args.concurrency)]
-    if args.hostname:
-        argv += ["--hostname", args.hostname]
-    app.worker_main(argv)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extra_commands: Callable[[Any], None] | None = None,
+         extra_handlers: dict[str, Callable[[argparse.Namespace], int]] | None = None) -> int:
+    parser = build_parser(extra_commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.command in ("serve", "worker"):
+    if extra_handlers and args.command in extra_handlers:
         try:
-            return cmd_serve(args) if args.command == "serve" else cmd_worker(args)
+            return extra_handlers[args.command](args)
         except UsageError as exc:
             sys.stderr.write(f"dealrec: error: {exc}\n")
             return EXIT_BAD_INPUT

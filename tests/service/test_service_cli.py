@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def dealrec(*args: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALREC_")}
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT), **env})
 
 
