@@ -50,15 +50,19 @@ def tiny_dataset(n_users: int = 14, seed: int = 0) -> RecDataset:
                       item_titles=titles, train=train, valid=empty, test=empty)
 
 
-@pytest.fixture(scope="module")
-def setup():
-    tok = tiny_tokenizer()
-    model = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=3))
-    # A loaded adapter has B != 0: make the LoRA path matter in the forward pass too.
+def randomise_lora_b(model) -> None:
+    """A trained adapter has B != 0 (a fresh one has B = 0): then the LoRA path matters in the forward pass too."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=3))
+    randomise_lora_b(model)
     ds = tiny_dataset()
     samples = tokenize_samples(ds, list(range(ds.n_users)), tok, cutoff_len=128)
     target = find_target(model)
@@ -175,10 +179,7 @@ def test_start_from_a_given_adapter(tmp_path):
     """`adapter` loads a peft adapter folder: its weights, not a fresh random LoRA, define the scores."""
     tok = tiny_tokenizer()
     trained = attach_lora(tiny_llama(len(tok)), EffortConfig(seed=1))
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomise_lora_b(trained)
     trained.save_pretrained(tmp_path / "adapter")
     loaded = attach_lora(tiny_llama(len(tok)), EffortConfig(adapter=str(tmp_path / "adapter"), seed=99))
     assert torch.equal(find_target(loaded).lora_B.weight, find_target(trained).lora_B.weight)
