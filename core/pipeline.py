@@ -149,31 +149,44 @@ def run_prune(ds: RecDataset, cfg: PruneConfig, *, device: str = "auto", cache_d
         return (lambda frac, msg="": progress(name, frac, msg)) if progress else None
 
     if needed & {"influence", "grand", "el2n"}:
-        model, report = _surrogate(ds, cfg, dev, cache_dir, stages, stage_progress("surrogate"), cancel, use_cache)
-        scores.update(_influence(model, ds, cfg, dev, cache_dir, stages, stage_progress("influence"), cancel,
-                                 use_cache))
+        model, report, _ = surrogate_stage(ds, cfg, dev, cache_dir, stages, stage_progress("surrogate"), cancel,
+                                           use_cache)
+        scores.update(influence_stage(model, ds, cfg, dev, cache_dir, stages, stage_progress("influence"), cancel,
+                                      use_cache)[0])
     else:
         stages["surrogate"] = StageRecord(skipped=True)
         stages["influence"] = StageRecord(skipped=True)
     effort_info: dict = {}
     if "effort" in needed:
-        scores["effort"], effort_info = _effort(ds, cfg.effort, dev, cache_dir, template, stages,
-                                                stage_progress("effort"), cancel, use_cache)
+        scores["effort"], effort_info, _ = effort_stage(ds, cfg.effort, dev, cache_dir, template, stages,
+                                                        stage_progress("effort"), cancel, use_cache)
     else:
         stages["effort"] = StageRecord(skipped=True)
 
+    result = selection_stage(ds, cfg, scores, stages, stage_progress("selection"))
+    return PruneResult(ds, cfg, result, scores, stages, report, effort_info)
+
+
+# Each stage below writes its artifact to the cache (atomically) and returns its path with the result,
+# so that a caller running the stages in separate processes (the service's workers) can hand the
+# artifact of one stage to the next by path, whatever device or precision produced it.
+
+
+def selection_stage(ds: RecDataset, cfg: PruneConfig, scores: dict[str, np.ndarray], stages: dict[str, StageRecord],
+                    progress=None) -> SelectionResult:
     with StageTimer(stages, "selection"):
-        result = select(method, scores, cfg.selection, n_samples=ds.n_users)
+        result = select(cfg.selection.method, scores, cfg.selection, n_samples=ds.n_users)
     if progress:
-        progress("selection", 1.0, f"selected {len(result.selected)} of {ds.n_users}")
+        progress(1.0, f"selected {len(result.selected)} of {ds.n_users}")
     for note in result.notes:
         log.info("selection: %s", note)
     if len(result.selected) < cfg.selection.budget:
         log.warning("selected %d samples, fewer than the budget %d", len(result.selected), cfg.selection.budget)
-    return PruneResult(ds, cfg, result, scores, stages, report, effort_info)
+    return result
 
 
-def _surrogate(ds, cfg, dev, cache_dir, stages, progress, cancel, use_cache):
+def surrogate_stage(ds, cfg, dev, cache_dir, stages, progress=None, cancel=None, use_cache=True):
+    """(model, training report, checkpoint path): trained, or loaded from the cache."""
     from core.surrogate.train import load_checkpoint, save_checkpoint, train_surrogate
 
     path = cache_dir / surrogate_key(ds, cfg) / "surrogate.pt"
@@ -185,7 +198,7 @@ def _surrogate(ds, cfg, dev, cache_dir, stages, progress, cancel, use_cache):
                 log.info("surrogate: reusing the cached model %s", path.parent.name)
                 if progress:
                     progress(1.0, "reused cached surrogate")
-                return model, json.loads(extra.get("report_json", "null"))
+                return model, json.loads(extra.get("report_json", "null")), path
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
                 log.warning("surrogate cache %s unreadable (%s): retraining", path, exc)
         torch.manual_seed(cfg.seed)
@@ -193,26 +206,31 @@ def _surrogate(ds, cfg, dev, cache_dir, stages, progress, cancel, use_cache):
         if use_cache:
             save_checkpoint(model, path, {"report_json": json.dumps(report, default=float),
                                           "fingerprint": ds.fingerprint})
-        return model, report
+        return model, report, path
 
 
-def _influence(model, ds, cfg, dev, cache_dir, stages, progress, cancel, use_cache) -> dict[str, np.ndarray]:
+SCORE_ARRAYS = ("influence", "grand", "el2n")
+
+
+def influence_stage(model, ds, cfg, dev, cache_dir, stages, progress=None, cancel=None,
+                    use_cache=True) -> tuple[dict[str, np.ndarray], Path]:
+    """({influence, grand, el2n} per sample, path of their .npz) from the trained surrogate."""
     from core.influence import influence_scores
 
     path = cache_dir / influence_key(ds, cfg) / "scores.npz"
     with StageTimer(stages, "influence") as rec:
         cached = load_arrays(path) if use_cache else None
-        if cached is not None and all(k in cached for k in ("influence", "grand", "el2n")):
+        if cached is not None and all(k in cached for k in SCORE_ARRAYS):
             rec.cached = True
             log.info("influence: reusing cached scores %s", path.parent.name)
             if progress:
                 progress(1.0, "reused cached influence scores")
-            return {k: cached[k] for k in ("influence", "grand", "el2n")}
+            return {k: cached[k] for k in SCORE_ARRAYS}, path
         out = influence_scores(model, ds, cfg.influence, cfg.seed, device=dev, progress=progress, cancel=cancel)
-        arrays = {k: np.asarray(out[k], dtype=np.float64) for k in ("influence", "grand", "el2n")}
+        arrays = {k: np.asarray(out[k], dtype=np.float64) for k in SCORE_ARRAYS}
         if use_cache:
             save_arrays(path, **arrays)
-        return arrays
+        return arrays, path
 
 
 def effort_settings(cfg: EffortConfig, dev: torch.device, precision: str):
@@ -239,7 +257,9 @@ def cpu_processes(cfg: EffortConfig, dev: torch.device, n_samples: int) -> tuple
     return processes, max(1, threads // processes)
 
 
-def _effort(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progress, cancel, use_cache):
+def effort_stage(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progress=None, cancel=None,
+                 use_cache=True) -> tuple[np.ndarray, dict, Path]:
+    """(effort per sample, how it was computed, path of its .npz)."""
     from core.effort.llm import attach_lora, ensure_llm_cached, load_base_model, load_tokenizer, resolve_llm
     from core.effort.parallel import score_in_processes
     from core.effort.prompts import tokenize_samples
@@ -256,7 +276,7 @@ def _effort(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progress, c
             log.info("effort: reusing cached scores %s", path.parent.name)
             if progress:
                 progress(1.0, "reused cached effort scores")
-            return cached["effort"], {**info, "cached": True}
+            return cached["effort"], {**info, "cached": True}, path
         if progress:
             progress(0.0, "loading the LLM")
         settings = effort_settings(cfg, dev, precision)
@@ -280,7 +300,7 @@ def _effort(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progress, c
                     processes=processes)
         if use_cache:
             save_arrays(path, effort=effort)
-        return effort, info
+        return effort, info, path
 
 
 def bigrec_records(ds: RecDataset, users, cfg: EffortConfig, cache_dir: Path | None = None,

@@ -14,7 +14,7 @@ from worker.config import Settings, get_settings
 
 QUEUES = ("cpu", "gpu")
 TASK_VALIDATE = "worker.tasks.validate_dataset"
-TASK_PRUNE = "worker.tasks.run_prune_job"
+TASK_RUN = "worker.tasks.run_job"  # args: job id, queue; sent to that queue
 TASK_SWEEP = "worker.tasks.sweep_storage"
 
 
@@ -32,7 +32,7 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_queues=[Queue(q, routing_key=q) for q in QUEUES],
         task_default_queue="cpu",
-        task_routes={TASK_VALIDATE: {"queue": "cpu"}, TASK_PRUNE: {"queue": "cpu"}, TASK_SWEEP: {"queue": "cpu"}},
+        task_routes={TASK_VALIDATE: {"queue": "cpu"}, TASK_SWEEP: {"queue": "cpu"}},  # TASK_RUN: queue given per send
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a long job must not hold a second message hostage

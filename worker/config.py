@@ -13,6 +13,8 @@ from typing import Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "DEALREC_"
+# Stages that run the LLM: they go to `Settings.llm_queue` (a GPU worker's queue in a GPU deployment).
+LLM_STAGES = frozenset({"effort", "finetune", "evaluate"})
 
 
 class ConfigError(ValueError):
@@ -31,7 +33,7 @@ class Settings(BaseModel):
 
     # Jobs
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # finished jobs (record, events, artifacts) expire after this
-    task_time_limit_s: int = Field(6 * 3600, ge=10)  # one prune job, all stages
+    task_time_limit_s: int = Field(6 * 3600, ge=10)  # one task: the stages of a job one queue runs in a row
     validate_time_limit_s: int = Field(1800, ge=10)
     # Celery's Redis transport redelivers an unacked message after this; it must exceed the longest
     # task or a still-running job is handed to a second worker (the job lock is the second guard).
@@ -40,7 +42,8 @@ class Settings(BaseModel):
     unacked_restore_throttle: int = Field(10, ge=1)
     lock_ttl_s: int = Field(60, ge=2)  # the running worker renews it every lock_ttl_s / 3
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    effort_queue: Literal["cpu", "gpu"] = "cpu"  # queue of jobs whose method needs the LLM
+    # The Celery queue of the LLM stages (effort, fine-tuning, evaluation); the others go to `cpu`.
+    llm_queue: Literal["cpu", "gpu"] = "gpu"
     torch_threads: int | None = Field(None, ge=1)
     progress_interval_s: float = Field(0.5, ge=0.0)  # least time between two progress writes
     llms: str = ""  # "name=path,..." models a request may name besides "auto"
@@ -80,6 +83,9 @@ class Settings(BaseModel):
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
         return int(max(self.task_time_limit_s, self.validate_time_limit_s) * 1.1) + 60
+
+    def queue_of(self, stage: str) -> str:
+        return self.llm_queue if stage in LLM_STAGES else "cpu"
 
     def llm_choices(self) -> dict[str, str]:
         """Request-side LLM names -> server paths. Clients name a model, never a path on this machine."""

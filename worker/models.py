@@ -83,6 +83,13 @@ class JobRecord(_Record):
     stages: dict[str, StageTiming] = Field(default_factory=dict)
     completed_stages: list[str] = Field(default_factory=list)
     reused_stages: list[str] = Field(default_factory=list)
+    # Stage -> artifact path relative to the cache root: a later stage, maybe on another worker and
+    # another device, reads exactly what the earlier one wrote.
+    artifacts: dict[str, str] = Field(default_factory=dict)
+    effort_info: dict[str, Any] | None = None
+    # The queue a finished task handed the job to; a task that finds it set is a continuation, one
+    # that does not is a redelivery after its worker died.
+    handoff: str | None = None
     attempts: int = 0
     worker: str | None = None  # host:pid of the worker that last ran it
     cancel_requested: bool = False

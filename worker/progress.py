@@ -55,7 +55,6 @@ class JobReporter:
     def _report(self, stage: str, frac: float, msg: str) -> None:
         now = time.monotonic()
         if stage != self.current:
-            self._end_current()
             self.current, self._started, self._decile = stage, now, -1
             self.store.add_event(self.job_id, f"stage {stage} started", stage=stage)
             self._write(stage, frac, now)
@@ -72,21 +71,17 @@ class JobReporter:
         self.store.update_job(self.job_id, allowed=["running"], stage=stage,
                               progress=round(self.overall(stage, frac), 4))
 
-    def _end_current(self) -> None:
-        """The stage before the current one has finished: core saved its artifact before moving on."""
-        stage = self.current
-        if stage is None:
-            return
-        seconds = time.monotonic() - self._started
-        if stage not in self.completed:
-            self.completed.append(stage)
-        self.store.update_job(self.job_id, allowed=["running"], completed_stages=self.completed)
-        self.store.add_event(self.job_id, f"stage {stage} finished", stage=stage, seconds=round(seconds, 3))
-
-    def finish(self) -> None:
+    def complete(self, stage: str, seconds: float) -> None:
+        """The stage's artifact is saved (the caller records the completion in the job)."""
         with self._lock:
-            self._end_current()
-            self.current = None
+            if stage not in self.completed:
+                self.completed.append(stage)
+            if self.current == stage:
+                self.current = None
+            try:
+                self.store.add_event(self.job_id, f"stage {stage} finished", stage=stage, seconds=round(seconds, 3))
+            except redis.RedisError as exc:
+                log.warning("job %s: stage end not recorded (%s)", self.job_id, exc)
 
 
 class CancelCheck:

@@ -1,8 +1,12 @@
-"""Runs one prune job inside a worker: the store says what to do, core does it, the store hears how it went.
+"""Runs the stages of a prune job that one queue owns, inside a worker task.
 
-Resuming after a worker died needs no special path: core's content-addressed cache holds every
-stage that finished (each written atomically), so the rerun skips them; the job record keeps the
-stages completed by every attempt and which ones this attempt reused."""
+A job is a chain of tasks: the stages on the `cpu` queue (surrogate, influence, selection,
+outputs) and those on the LLM queue (effort; a GPU worker's in a GPU deployment) run in separate
+tasks, each running its queue's stages in a row and then handing the job to the next queue. Every
+stage writes its artifact atomically into core's content-addressed cache and records its path and
+completion in the job store before the next begins, so a task redelivered after its worker died
+resumes at the first unfinished stage, and a stage on another worker (another device, another
+precision) reads exactly the artifact the earlier stage wrote."""
 
 from __future__ import annotations
 
@@ -10,22 +14,28 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from core.cache import load_arrays
 from core.data import DataError, load_dataset
 from core.effort.llm import LLMError
+from core.effort.prompts import PromptTemplate
 from core.effort.score import EffortCancelled
 from core.influence import SolverDiverged
 from core.outputs import write_outputs
-from core.pipeline import StageTimer, bigrec_records, run_prune
+from core.pipeline import (SCORE_ARRAYS, PruneResult, StageRecord, StageTimer, bigrec_records, effort_stage,
+                           influence_stage, resolve_device, selection_stage, surrogate_stage)
 from core.selection import required_scores
 from core.surrogate.train import Cancelled
 from worker.config import Settings
 from worker.models import JobRecord
 from worker.params import PruneRequest, to_config
+from worker.plan import job_stages, next_segment
 from worker.progress import CancelCheck, JobReporter
 from worker.storage import Storage
 from worker.store import JobLock, Store, StoreError
@@ -37,14 +47,16 @@ class JobCancelled(Exception):
     """Raised by the runner itself when it sees the cancel flag outside core's loops."""
 
 
-def job_stages(method: str) -> list[str]:
-    needed = required_scores(method)
-    stages = ["load"]
-    if needed & {"influence", "grand", "el2n"}:
-        stages += ["surrogate", "influence"]
-    if "effort" in needed:
-        stages.append("effort")
-    return stages + ["selection", "outputs"]
+class ArtifactMissing(RuntimeError):
+    """An earlier stage's recorded artifact is gone from the cache (e.g. the cache was cleared)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a task did: the job's status after it, and the queue it handed the job to (if any)."""
+
+    status: str
+    next_queue: str | None = None
 
 
 def relative_error(exc: DataError, root: Path) -> dict:
@@ -74,128 +86,267 @@ class JobRunner:
         self.lock = lock
         self.host = f"{socket.gethostname()}:{os.getpid()}"
 
-    def run(self) -> str:
-        """Run (or resume) the job; returns its final status, or 'abandoned' when this worker lost it."""
+    def run(self, queue: str) -> Outcome:
+        """Run the job's unfinished stages that belong to `queue`, then hand it on or finish it."""
         job = self.store.get_job(self.job_id)
         if job is None or job.status not in ("queued", "running"):
-            return job.status if job else "missing"
+            return Outcome(job.status if job else "missing")
+        req = PruneRequest.model_validate(job.request)
+        stages = job_stages(req.method)
+        owner, segment = next_segment(stages, job.completed_stages, self.settings)
+        if owner is None:  # every stage done: the task that finished them also ended the job
+            return Outcome(job.status)
+        if owner != queue:
+            # A redelivered message whose stages were finished by the worker that died: pass the job
+            # on to the queue of its first unfinished stage, as that worker was about to.
+            log.info("job %s: stages of queue %s are done; handing it to %s", self.job_id, queue, owner)
+            self.store.update_job(self.job_id, allowed=["queued", "running"], handoff=owner, queue=owner)
+            return Outcome(job.status, owner)
+
         first = job.status == "queued"
+        continuation = not first and job.handoff == queue
+        fields: dict = {"worker": self.host, "handoff": None, "queue": queue}
+        if first:
+            fields.update(started_at=_now(), attempts=1)
+        elif not continuation:
+            fields["attempts"] = job.attempts + 1
         try:
-            self.store.transition(self.job_id, "running", attempts=job.attempts + 1, worker=self.host,
-                                  **({"started_at": _now()} if first else {}))
+            self.store.transition(self.job_id, "running", **fields)
         except StoreError as exc:  # cancelled between our read and now
             log.info("job %s not started: %s", self.job_id, exc)
-            return exc.extra.get("status", "unknown")
+            return Outcome(exc.extra.get("status", "unknown"))
         if first:
-            self.store.add_event(self.job_id, "job started", worker=self.host)
+            self.store.add_event(self.job_id, "job started", worker=self.host, queue=queue)
+        elif continuation:
+            self.store.add_event(self.job_id, f"job continues on the {queue} queue", worker=self.host,
+                                 stages=segment)
         else:
             self.store.add_event(self.job_id, "job resumed after its worker stopped", level="warning",
                                  worker=self.host, attempt=job.attempts + 1, completed_stages=job.completed_stages)
-        return self._execute(job)
+        return _Segment(self, job, req, stages, segment, queue).run()
 
-    def _execute(self, job: JobRecord) -> str:
-        req = PruneRequest.model_validate(job.request)
-        stages = job_stages(req.method)
-        reporter = JobReporter(self.store, self.job_id, stages, job.completed_stages, self.settings.progress_interval_s)
-        cancel = CancelCheck(self.store, self.job_id, self.lock.lost,
-                             time.monotonic() + self.settings.task_time_limit_s)
-        tmp: Path | None = None
-        files = self.storage.dataset_files(job.dataset_id)
-        try:
-            load_stage: dict = {}
-            reporter("load", 0.0, "loading the dataset")
-            dataset = self.store.get_dataset(job.dataset_id)
-            with StageTimer(load_stage, "load"):
-                ds = load_dataset(files, fmt=(dataset.format if dataset and dataset.format else "auto"),
-                                  split=req.split, limit_users=req.limit_users)
-            llm_path = self.settings.llm_choices().get(req.params.effort.llm, "auto")
-            cfg = to_config(req, ds.n_users, device=self.settings.device, llm_path=llm_path)
-            params = {**cfg.model_dump(mode="json", by_alias=True), "limit_users": req.limit_users,
-                      "split": req.split}
-            params["effort"]["llm"] = req.params.effort.llm  # the name the client used, not a server path
-            self.store.update_job(self.job_id, allowed=["running"], params=params)
-            reporter("load", 1.0, f"{ds.n_users} users, {ds.n_items} items")
+    # Terminal states, shared with _Segment.
 
-            result = run_prune(ds, cfg, device=self.settings.device, cache_dir=self.settings.cache_root,
-                               progress=reporter, cancel=cancel)
-            reporter("outputs", 0.0, "writing the outputs")
-            records = bigrec_records(ds, result.selection.selected, cfg.effort, self.settings.cache_root)
-            if cancel():
-                raise JobCancelled()
-            tmp = self.storage.tmp_dir(f"job-{self.job_id}")
-            write_outputs(result, tmp, records, req.limit_users)
-            if cancel():  # last look before the outputs become visible
-                raise JobCancelled()
-            self.storage.publish(tmp, self.storage.job_dir(self.job_id))
-            tmp = None
-            reporter("outputs", 1.0, "outputs written")
-            reporter.finish()
-            timings = {**{k: vars(v) for k, v in load_stage.items()},
-                       **{k: vars(v) for k, v in result.stages.items()}}
-            reused = [k for k, v in result.stages.items() if v.cached]
-            for name, rec in timings.items():
-                if not rec["skipped"] and not rec["cached"]:
-                    self.store.record_stage_time(name, rec["seconds"])
-            outcome = {"n_selected": len(result.selection.selected), "n_samples": ds.n_users,
-                       "budget": cfg.selection.budget, "notes": list(result.selection.notes),
-                       "dataset_fingerprint": ds.fingerprint, "effort": result.effort_info or None}
-            self.store.add_event(self.job_id, f"selected {outcome['n_selected']} of {ds.n_users} samples",
-                                 n_selected=outcome["n_selected"], reused_stages=reused)
-            self.store.transition(self.job_id, "succeeded", stage=None, progress=1.0, stages=timings,
-                                  reused_stages=reused, result=outcome)
-            self.store.add_event(self.job_id, "job succeeded")
-            return "succeeded"
-        except (Cancelled, EffortCancelled, JobCancelled):
-            return self._stopped(cancel.reason or "cancelled")
-        except DataError as exc:
-            info = relative_error(exc, files)
-            return self._fail("invalid_dataset", describe(info), **info)
-        except LLMError as exc:
-            return self._fail("llm_unavailable", str(exc))
-        except SolverDiverged as exc:
-            return self._fail("solver_diverged", str(exc))
-        except ValueError as exc:
-            return self._fail("invalid_params", str(exc))
-        except StoreError as exc:
-            log.warning("job %s: %s", self.job_id, exc)
-            return exc.extra.get("status", "unknown")
-        except SoftTimeLimitExceeded:  # prefork pools enforce Celery's limit; others rely on CancelCheck
-            return self._fail("time_limit", f"the job ran longer than {self.settings.task_time_limit_s} s")
-        except redis.RedisError:
-            raise  # the task retries the job once the store is back
-        except Exception as exc:  # noqa: BLE001 - a job must end in a status, whatever broke
-            log.exception("job %s failed", self.job_id)
-            return self._fail("internal_error", f"{type(exc).__name__}: {exc}")
-        finally:
-            if tmp is not None:
-                self.storage.remove(tmp)
-
-    def _stopped(self, reason: str) -> str:
+    def stopped(self, reason: str) -> Outcome:
         if reason == "lock_lost":
             # Another worker owns the job now (or will): leave its record alone.
             log.error("job %s abandoned: its lock was lost", self.job_id)
-            return "abandoned"
+            return Outcome("abandoned")
         if reason == "time_limit":
-            return self._fail("time_limit", f"the job ran longer than {self.settings.task_time_limit_s} s")
+            return self.fail("time_limit", f"a task of the job ran longer than {self.settings.task_time_limit_s} s")
         self.storage.remove(self.storage.job_dir(self.job_id))
         try:
-            self.store.transition(self.job_id, "cancelled", stage=None,
+            self.store.transition(self.job_id, "cancelled", stage=None, handoff=None,
                                   error={"code": "cancelled", "message": "cancelled by request"})
         except StoreError as exc:
-            return exc.extra.get("status", "unknown")
+            return Outcome(exc.extra.get("status", "unknown"))
         self.store.add_event(self.job_id, "job cancelled", level="warning")
-        return "cancelled"
+        return Outcome("cancelled")
 
-    def _fail(self, code: str, message: str, **extra) -> str:
+    def fail(self, code: str, message: str, **extra) -> Outcome:
         extra.pop("message", None)
         log.warning("job %s failed: %s: %s", self.job_id, code, message)
         self.storage.remove(self.storage.job_dir(self.job_id))
         try:
-            self.store.transition(self.job_id, "failed", error={"code": code, "message": message, **extra})
+            self.store.transition(self.job_id, "failed", handoff=None,
+                                  error={"code": code, "message": message, **extra})
         except StoreError as exc:
-            return exc.extra.get("status", "unknown")
+            return Outcome(exc.extra.get("status", "unknown"))
         self.store.add_event(self.job_id, f"job failed: {message}", level="error", code=code)
-        return "failed"
+        return Outcome("failed")
+
+
+class _Segment:
+    """One task's run of consecutive stages of one job (all on one queue)."""
+
+    def __init__(self, runner: JobRunner, job: JobRecord, req: PruneRequest, stages: list[str],
+                 segment: list[str], queue: str) -> None:
+        self.r = runner
+        self.store, self.settings, self.job_id = runner.store, runner.settings, runner.job_id
+        self.job, self.req, self.stages, self.segment, self.queue = job, req, stages, segment, queue
+        self.completed = list(job.completed_stages)
+        self.reused = list(job.reused_stages)
+        self.artifacts = dict(job.artifacts)
+        self.effort_info = dict(job.effort_info or {})
+        self.timings = {k: v.model_dump() for k, v in job.stages.items()}
+        self.records: dict[str, StageRecord] = {}  # this task's stage timings
+        self.reporter = JobReporter(self.store, self.job_id, stages, self.completed, self.settings.progress_interval_s)
+        self.cancel = CancelCheck(self.store, self.job_id, runner.lock.lost,
+                                  time.monotonic() + self.settings.task_time_limit_s)
+        self.files = runner.storage.dataset_files(job.dataset_id)
+        self.dev = resolve_device(self.settings.device)
+        self.cache = self.settings.cache_root
+        self.model = None  # the surrogate, once trained or loaded in this task
+        self.scores: dict[str, np.ndarray] = {}
+        self.selection = None
+        self.tmp: Path | None = None
+
+    def run(self) -> Outcome:
+        try:
+            self._load()
+            for stage in self.segment:
+                if stage == "load":
+                    continue
+                if self.cancel():
+                    raise JobCancelled()
+                getattr(self, f"_{stage}")()
+                if stage != "outputs":
+                    self._complete(stage)
+            if "outputs" in self.segment:
+                return Outcome("succeeded")
+            nxt, _ = next_segment(self.stages, self.completed, self.settings)
+            self.store.update_job(self.job_id, allowed=["running"], handoff=nxt, queue=nxt)
+            return Outcome("running", nxt)
+        except (Cancelled, EffortCancelled, JobCancelled):
+            return self.r.stopped(self.cancel.reason or "cancelled")
+        except DataError as exc:
+            info = relative_error(exc, self.files)
+            return self.r.fail("invalid_dataset", describe(info), **info)
+        except LLMError as exc:
+            return self.r.fail("llm_unavailable", str(exc))
+        except SolverDiverged as exc:
+            return self.r.fail("solver_diverged", str(exc))
+        except ArtifactMissing as exc:
+            return self.r.fail("artifact_missing", str(exc))
+        except ValueError as exc:
+            return self.r.fail("invalid_params", str(exc))
+        except StoreError as exc:
+            log.warning("job %s: %s", self.job_id, exc)
+            return Outcome(exc.extra.get("status", "unknown"))
+        except SoftTimeLimitExceeded:  # prefork pools enforce Celery's limit; others rely on CancelCheck
+            return self.r.stopped("time_limit")
+        except redis.RedisError:
+            raise  # the task retries once the store is back; finished stages stay finished
+        except Exception as exc:  # noqa: BLE001 - a job must end in a status, whatever broke
+            log.exception("job %s failed", self.job_id)
+            return self.r.fail("internal_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.tmp is not None:
+                self.r.storage.remove(self.tmp)
+
+    # ------------------------------------------------------------------ stages
+
+    def _load(self) -> None:
+        """Every task loads the dataset (cheap next to any stage); the first also records `load`."""
+        first = "load" in self.segment
+        if first:
+            self.reporter("load", 0.0, "loading the dataset")
+        dataset = self.store.get_dataset(self.job.dataset_id)
+        with StageTimer(self.records, "load"):
+            self.ds = load_dataset(self.files, fmt=(dataset.format if dataset and dataset.format else "auto"),
+                                   split=self.req.split, limit_users=self.req.limit_users)
+        llm_path = self.settings.llm_choices().get(self.req.params.effort.llm, "auto")
+        self.cfg = to_config(self.req, self.ds.n_users, device=self.settings.device, llm_path=llm_path)
+        if first:
+            params = {**self.cfg.model_dump(mode="json", by_alias=True), "limit_users": self.req.limit_users,
+                      "split": self.req.split}
+            params["effort"]["llm"] = self.req.params.effort.llm  # the name the client used, not a server path
+            self.store.update_job(self.job_id, allowed=["running"], params=params)
+            self.reporter("load", 1.0, f"{self.ds.n_users} users, {self.ds.n_items} items")
+            self._complete("load")
+        else:
+            self.records.pop("load")
+
+    def _progress(self, stage: str):
+        return lambda frac, msg="": self.reporter(stage, frac, msg)
+
+    def _surrogate(self) -> None:
+        self.reporter("surrogate", 0.0, "training the surrogate")
+        self.model, _, path = surrogate_stage(self.ds, self.cfg, self.dev, self.cache, self.records,
+                                              self._progress("surrogate"), self.cancel)
+        self.artifacts["surrogate"] = self._rel(path)
+
+    def _influence(self) -> None:
+        if self.model is None:  # trained by an earlier task: load its checkpoint
+            self.model, _, path = surrogate_stage(self.ds, self.cfg, self.dev, self.cache, {}, None, self.cancel)
+            self.artifacts["surrogate"] = self._rel(path)
+            if "surrogate" not in self.reused:
+                self.reused.append("surrogate")
+        self.reporter("influence", 0.0, "scoring influence")
+        arrays, path = influence_stage(self.model, self.ds, self.cfg, self.dev, self.cache, self.records,
+                                       self._progress("influence"), self.cancel)
+        self.scores.update(arrays)
+        self.artifacts["influence"] = self._rel(path)
+
+    def _effort(self) -> None:
+        self.reporter("effort", 0.0, "scoring effort with the LLM")
+        effort, info, path = effort_stage(self.ds, self.cfg.effort, self.dev, self.cache, PromptTemplate(),
+                                          self.records, self._progress("effort"), self.cancel)
+        self.scores["effort"] = effort
+        self.effort_info = info
+        self.artifacts["effort"] = self._rel(path)
+
+    def _selection(self) -> None:
+        self.reporter("selection", 0.0, "selecting")
+        self._read_scores()
+        self.selection = selection_stage(self.ds, self.cfg, self.scores, self.records, self._progress("selection"))
+
+    def _outputs(self) -> None:
+        if self.selection is None:  # resumed between selection and outputs: selecting again is cheap
+            self._read_scores()
+            self.selection = selection_stage(self.ds, self.cfg, self.scores, {}, None)
+        self.reporter("outputs", 0.0, "writing the outputs")
+        result = PruneResult(self.ds, self.cfg, self.selection, self.scores, self.records, None, self.effort_info)
+        records = bigrec_records(self.ds, self.selection.selected, self.cfg.effort, self.cache)
+        if self.cancel():
+            raise JobCancelled()
+        self.tmp = self.r.storage.tmp_dir(f"job-{self.job_id}")
+        with StageTimer(self.records, "outputs"):
+            write_outputs(result, self.tmp, records, self.req.limit_users)
+        if self.cancel():  # last look before the outputs become visible
+            raise JobCancelled()
+        self.r.storage.publish(self.tmp, self.r.storage.job_dir(self.job_id))
+        self.tmp = None
+        self.reporter("outputs", 1.0, "outputs written")
+        self._complete("outputs", final=True)
+        for stage in ("surrogate", "influence", "effort"):  # the method's unneeded stages, as core reports them
+            self.timings.setdefault(stage, {**vars(StageRecord(skipped=True))})
+            self.timings[stage].pop("child_peak_rss_mb", None)
+        n = len(self.selection.selected)
+        outcome = {"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.selection.budget,
+                   "notes": list(self.selection.notes), "dataset_fingerprint": self.ds.fingerprint,
+                   "effort": self.effort_info or None}
+        self.store.add_event(self.job_id, f"selected {n} of {self.ds.n_users} samples", n_selected=n,
+                             reused_stages=self.reused)
+        self.store.transition(self.job_id, "succeeded", stage=None, progress=1.0, handoff=None, stages=self.timings,
+                              completed_stages=self.completed, reused_stages=self.reused, result=outcome)
+        self.store.add_event(self.job_id, "job succeeded")
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _read_scores(self) -> None:
+        """The scores the method needs, from the artifacts the earlier stages recorded."""
+        needed = required_scores(self.cfg.selection.method)
+        wanted = {"influence": SCORE_ARRAYS} if needed & set(SCORE_ARRAYS) else {}
+        if "effort" in needed:
+            wanted["effort"] = ("effort",)
+        for stage, names in wanted.items():
+            if all(n in self.scores for n in names):
+                continue
+            rel = self.artifacts.get(stage)
+            arrays = load_arrays(self.cache / rel) if rel else None
+            if arrays is None or any(n not in arrays for n in names):
+                raise ArtifactMissing(f"the {stage} scores of this job are no longer in the cache ({rel})")
+            self.scores.update({n: arrays[n] for n in names})
+
+    def _rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.cache))
+
+    def _complete(self, stage: str, final: bool = False) -> None:
+        """Record a finished stage: its timing, artifact and completion, in one write."""
+        rec = self.records.get(stage, StageRecord())
+        if rec.cached and stage not in self.reused:
+            self.reused.append(stage)
+        if not rec.cached and not rec.skipped:
+            self.store.record_stage_time(stage, rec.seconds)
+        self.timings[stage] = {k: v for k, v in vars(rec).items() if k != "child_peak_rss_mb"}
+        if stage not in self.completed:
+            self.completed.append(stage)
+        self.reporter.complete(stage, rec.seconds)
+        if not final:  # the last stage's record is written with the job's final status
+            self.store.update_job(self.job_id, allowed=["running"], completed_stages=self.completed,
+                                  stages=self.timings, artifacts=self.artifacts, reused_stages=self.reused,
+                                  effort_info=self.effort_info or None)
 
 
 def _now() -> str:

@@ -1,7 +1,8 @@
 """Celery tasks. Each is a thin shell: the work is in `validation` and `runner`, the state in the store.
 
-For now one task runs a whole job, on the `cpu` queue, or on `DEALREC_EFFORT_QUEUE` (e.g. `gpu`)
-when its method needs the LLM: per-stage tasks (surrogate on cpu, effort on gpu) are a later step."""
+A job is a chain of `run_job` tasks, one per run of consecutive stages on one queue: surrogate and
+influence on `cpu`, effort on the LLM queue (`DEALREC_LLM_QUEUE`, default `gpu`), selection and
+outputs on `cpu`; each task sends the next."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from functools import lru_cache
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from worker.celery_app import TASK_PRUNE, TASK_SWEEP, TASK_VALIDATE, app
+from worker.celery_app import TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app
 from worker.config import get_settings
 from worker.storage import Storage
 from worker.store import Store
@@ -37,11 +38,15 @@ def validate_dataset(self, dataset_id: str) -> str:
     return validate(store, storage, dataset_id)
 
 
-@app.task(name=TASK_PRUNE, bind=True, acks_late=True, max_retries=None)
-def run_prune_job(self, job_id: str) -> str:
-    """Run a job unless another worker holds its lock. A redelivered message for a job still
-    running elsewhere is retried after the lock's TTL: if that worker died, the lock has lapsed
-    by then and this one resumes the job; if the job finished, the retry finds it done."""
+@app.task(name=TASK_RUN, bind=True, acks_late=True, max_retries=None)
+def run_job(self, job_id: str, queue: str) -> str:
+    """Run the job's next stages that belong to `queue`, then send it to the queue of the stages after.
+
+    Nothing runs unless this worker holds the job's lock. A redelivered message for a job still
+    running elsewhere is retried after the lock's TTL: if that worker died, the lock has lapsed by
+    then and this one resumes the job; if the job moved on or finished, the retry finds that out.
+    The next task is sent after the lock is released, and before this message is acknowledged: a
+    worker dying in between leaves this message to be redelivered, which sends it again."""
     from worker.runner import JobRunner
 
     settings = get_settings()
@@ -57,12 +62,20 @@ def run_prune_job(self, job_id: str) -> str:
         raise self.retry(countdown=wait)
     try:
         with lock.keepalive():
-            return JobRunner(store, storage, settings, job_id, lock).run()
+            outcome = JobRunner(store, storage, settings, job_id, lock).run(queue)
     except redis.RedisError as exc:
         # The store went away mid-job (the runner turns every other error into a job status).
-        # Run it again later: finished stages come back from the cache.
+        # Run it again later: finished stages are recorded, their artifacts are in the cache.
         log.warning("job %s: job store unavailable (%s); retrying", job_id, exc)
         raise self.retry(countdown=settings.lock_ttl_s, exc=exc)
+    if outcome.next_queue:
+        try:
+            app.send_task(TASK_RUN, args=[job_id, outcome.next_queue], queue=outcome.next_queue)
+        except Exception as exc:  # noqa: BLE001 - broker down: this message stays unacked and comes back
+            log.warning("job %s: could not hand over to %s (%s); retrying", job_id, outcome.next_queue, exc)
+            raise self.retry(countdown=settings.lock_ttl_s, exc=exc)
+        log.info("job %s handed to the %s queue", job_id, outcome.next_queue)
+    return outcome.status
 
 
 @app.task(name=TASK_SWEEP)

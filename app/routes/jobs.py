@@ -16,7 +16,8 @@ from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, not_found
 from app.schemas import EventList, JobList, JobOut
 from core.selection import required_scores
-from worker.celery_app import TASK_PRUNE
+from worker.celery_app import TASK_RUN
+from worker.plan import first_queue
 from worker.models import TERMINAL, JobRecord
 from worker.params import PruneRequest, to_config
 from worker.store import StoreError, new_id
@@ -63,7 +64,7 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
         field = ".".join(str(x) for x in first["loc"])
         raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None
     body = req.model_dump(mode="json", by_alias=True)
-    queue = ctx.settings.effort_queue if needs_llm else "cpu"
+    queue = first_queue(req.method, ctx.settings)
     params = {**cfg.model_dump(mode="json", by_alias=True), "limit_users": req.limit_users, "split": req.split}
     params["effort"]["llm"] = req.params.effort.llm
     job = JobRecord(id=new_id("job"), tenant=tenant, dataset_id=req.dataset_id, queue=queue, request=body,
@@ -74,7 +75,7 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
         # Before the task exists, so that it is the job's first event whatever the worker does.
         ctx.store.add_event(job.id, "job queued", queue=queue)
         try:
-            ctx.celery.send_task(TASK_PRUNE, args=[job.id], queue=queue)
+            ctx.celery.send_task(TASK_RUN, args=[job.id, queue], queue=queue)
         except Exception:
             # Never leave a job queued that no worker will ever see.
             ctx.store.transition(job.id, "failed", error={"code": "enqueue_failed",
