@@ -57,7 +57,6 @@ class Settings(BaseModel):
     api_keys: str = ""
     api_keys_file: Path | None = None
     auth_disabled: bool = False
-    ping_timeout_s: float = Field(0.5, gt=0.0)
     worker_heartbeat_s: float = Field(5.0, gt=0.0)
 
     @model_validator(mode="after")

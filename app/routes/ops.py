@@ -24,33 +24,27 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Redis unreachable or no worker answering"}})
+@router.get("/readyz", responses={503: {"description": "Redis unreachable or no worker alive"}})
 def readyz(request: Request) -> JSONResponse:
-    """Redis answers PING and at least one worker is there: it answers Celery's control.ping, or,
-    busy with a job in a solo pool (which answers nothing until the job ends), its heartbeat is fresh."""
+    """Redis answers PING and at least one worker's heartbeat key is fresh.
+
+    Not Celery's control.ping: its replies travel over Redis pub/sub, which kombu does not prefix
+    with `global_keyprefix` (kombu#1494), so with our key prefix no worker ever answers; and a
+    solo-pool worker busy with a job would not answer anyway. Workers renew their key every
+    DEALREC_WORKER_HEARTBEAT_S from a thread of their own, busy or not."""
     ctx = get_ctx(request)
     checks: dict[str, object] = {}
+    workers: list[str] = []
     try:
         checks["redis"] = ctx.store.ping()
+        workers = ctx.store.live_workers()
     except redis.RedisError as exc:
         checks["redis"] = False
         log.warning("readyz: redis: %s", exc)
-    workers: list[str] = []
-    if checks["redis"]:
-        try:
-            replies = ctx.celery.control.ping(timeout=ctx.settings.ping_timeout_s) or []
-            workers = sorted(name for reply in replies for name in reply)
-            checks["workers_ping"] = len(workers)
-            if not workers:
-                workers = ctx.store.live_workers()
-                checks["workers_heartbeat"] = len(workers)
-        except Exception as exc:  # noqa: BLE001 - any broker trouble means "not ready", never a 500
-            log.warning("readyz: worker ping: %s", exc)
-            checks["workers_ping"] = 0
     checks["workers"] = workers
     if checks["redis"] and workers:
         return JSONResponse({"status": "ready", "checks": checks})
-    reason = "Redis is unreachable" if not checks["redis"] else "no worker is answering"
+    reason = "Redis is unreachable" if not checks["redis"] else "no worker is alive"
     return JSONResponse(error_body("not_ready", reason, checks=checks), status_code=503)
 
 
