@@ -13,6 +13,7 @@ Layout (all under the configurable prefix, default `dealrec:`):
     metrics:jobs             hash: current queued/running counts, cumulative finished counts
     metrics:stage_seconds    hash: stage -> summed seconds;  metrics:stage_count: stage -> runs
     worker:<hostname>        a worker's liveness key, renewed while it runs
+    reaper                   held for one period by the worker that looks for stalled jobs
 
 Celery's own broker/backend keys carry the same prefix (kombu's `global_keyprefix`), so one prefix
 owns everything. Every read-modify-write is one Lua script, so two processes never interleave.
@@ -367,6 +368,27 @@ class Store:
     def live_workers(self) -> list[str]:
         start = len(self.key("worker", ""))
         return [k[start:] for k in self.r.scan_iter(match=self.key("worker", "*"), count=100)]
+
+    def stalled_jobs(self, idle_s: float) -> list[JobRecord]:
+        """Running jobs that no worker runs and no queue holds: no lock, not handed to a queue, and
+        not updated for `idle_s`. That is a task whose worker died and whose message will come back
+        only after the broker's visibility timeout (hours), or never if its ack went through.
+        Unfinished jobs are found through the datasets' sets of unfinished jobs."""
+        now = utcnow()
+        out = []
+        for set_key in self.r.scan_iter(match=self.key("dataset", "*", "jobs"), count=200):
+            for job_id in self.r.smembers(set_key):
+                job = self.get_job(job_id)
+                if job is None or job.status != "running" or job.handoff or self.r.exists(self._lock(job_id)):
+                    continue
+                last = job.updated_at or job.started_at or job.created_at
+                if (now - last).total_seconds() >= idle_s:
+                    out.append(job)
+        return out
+
+    def claim_reaper(self, holder: str, period_s: float) -> bool:
+        """One worker per period looks for stalled jobs."""
+        return bool(self.r.set(self.key("reaper"), holder, nx=True, px=int(period_s * 1000)))
 
     # ---- metrics ------------------------------------------------------------------------------
     def metrics_snapshot(self) -> dict[str, dict[str, float]]:

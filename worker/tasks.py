@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from functools import lru_cache
 
 import redis
@@ -84,6 +85,36 @@ def sweep_storage() -> int:
     return storage.sweep(store.job_exists, store.dataset_exists)
 
 
+def requeue_stalled_jobs(store: Store, settings, holder: str) -> list[str]:
+    """Send a task again for running jobs whose worker died (see Store.stalled_jobs): without this,
+    such a job waits for the broker to restore its unacked message, i.e. the visibility timeout
+    (hours), or forever if the message was acknowledged as failed while Redis was away. A duplicate
+    message is harmless: the job lock and the recorded stages make the second one a no-op."""
+    from worker.models import JobRecord  # noqa: F401 - the store returns these
+    from worker.params import PruneRequest
+    from worker.plan import job_stages, next_segment
+
+    if not store.claim_reaper(holder, settings.lock_ttl_s):
+        return []
+    requeued = []
+    for job in store.stalled_jobs(idle_s=3 * settings.lock_ttl_s):
+        method = PruneRequest.model_validate(job.request).method
+        queue, _ = next_segment(job_stages(method), job.completed_stages, settings)
+        if queue is None:
+            continue
+        try:
+            app.send_task(TASK_RUN, args=[job.id, queue], queue=queue)
+        except Exception as exc:  # noqa: BLE001 - broker away: the next period tries again
+            log.warning("job %s: stalled, could not requeue (%s)", job.id, exc)
+            continue
+        store.update_job(job.id, allowed=["running"], handoff=queue, attempts=job.attempts + 1)
+        store.add_event(job.id, "job resumed after its worker stopped", level="warning", requeued_by=holder,
+                        attempt=job.attempts + 1, completed_stages=job.completed_stages)
+        log.warning("job %s: its worker stopped; requeued on %s", job.id, queue)
+        requeued.append(job.id)
+    return requeued
+
+
 class _Heartbeat:
     """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
     cannot answer Celery's control.ping, yet it is there."""
@@ -100,9 +131,13 @@ class _Heartbeat:
     def _run(self) -> None:
         settings = get_settings()
         store, _ = _context()
+        next_reap = time.monotonic() + settings.lock_ttl_s
         while True:
             try:
                 store.worker_alive(self.name, settings.worker_heartbeat_s * 3)
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + settings.lock_ttl_s
+                    requeue_stalled_jobs(store, settings, self.name)
             except redis.RedisError as exc:
                 log.warning("heartbeat not written: %s", exc)
             if self.stop.wait(settings.worker_heartbeat_s):

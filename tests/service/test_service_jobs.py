@@ -223,3 +223,26 @@ def test_metrics(client, api, dataset):
     assert 'dealrec_jobs_finished_total{status="succeeded"}' in text
     assert 'dealrec_queue_depth{queue="cpu"}' in text and 'dealrec_stage_duration_seconds_count{stage="load"}' in text
     assert "dealrec_store_up 1" in text
+
+
+def test_stalled_running_job_is_requeued(api, dataset, store):
+    """A running job that no worker holds and no queue carries (its worker died and its message is
+    gone) is sent again by a worker's reaper and finishes."""
+    from worker.models import JobRecord
+    from worker.params import PruneRequest
+    from worker.store import new_id
+
+    req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random", "seed": 4})
+    job = JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"], request=req.model_dump(mode="json", by_alias=True))
+    job, created = store.create_job(job)
+    assert created
+    # As if a worker had started it and died after its message was acknowledged: no task anywhere.
+    store.transition(job.id, "running", worker="ghost:1", attempts=1, started_at="2026-01-01T00:00:00+00:00",
+                     updated_at="2026-01-01T00:00:00+00:00")
+    done = wait_job(api, job.id, timeout=90)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    messages = [e["message"] for e in api("GET", f"/v1/jobs/{job.id}/events?limit=1000").json()["items"]]
+    assert "job resumed after its worker stopped" in messages
+    normal = wait_job(api, _prune(api, dataset["id"], budget=5, method="random", seed=4).json()["id"])
+    assert api("GET", f"/v1/jobs/{job.id}/selection").json()["selected"] == \
+        api("GET", f"/v1/jobs/{normal['id']}/selection").json()["selected"]
