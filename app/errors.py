@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.data.errors import DataError
 from worker.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,21 @@ def error_body(code: str, message: str, **extra: Any) -> dict:
 def not_found(kind: str, ident: str) -> ApiError:
     # The same answer for "does not exist" and "belongs to another tenant": nothing leaks.
     return ApiError(404, "not_found", f"{kind} {ident} not found")
+
+
+def invalid_dataset(exc: DataError, root: Path) -> ApiError:
+    """A 400 for a dataset's structural problem found at upload (`core.data.precheck`): the file as
+    the client knows it (its name in the flat upload folder `root`, never a server path), line,
+    field, and a message naming them. Same code and fields as a worker's `invalid` dataset errors."""
+    file = None
+    if exc.file is not None and Path(exc.file).resolve() != root.resolve():
+        file = Path(exc.file).name
+    # The loaders' own texts hold no paths, but a library's (pyarrow's) may quote the file's path.
+    reason = exc.reason.replace(f"{root.resolve()}/", "").replace(f"{root}/", "")
+    where = [x for x in (file, f"line {exc.line}" if exc.line else None,
+                         f"field '{exc.field}'" if exc.field else None) if x]
+    message = f"{', '.join(where)}: {reason}" if where else reason
+    return ApiError(400, "invalid_dataset", message, file=file, line=exc.line, field=exc.field)
 
 
 _STORE_STATUS = {"not_found": 404, "dataset_not_ready": 409, "invalid_transition": 409, "idempotency_conflict": 409}

@@ -3,15 +3,19 @@ error locations for malformed files, and the real Games folder."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from core.data import DataError, RecDataset, detect_format, load_dataset
+from core.data import precheck as precheck_module
 from core.data.dealrec_layout import load_dealrec_layout
-from core.data.interactions import load_interaction_log
+from core.data.interactions import delimited_field_at, load_interaction_log, read_text
+from core.data.precheck import check_utf8, precheck
 from core.data.recbole import load_recbole
 
 GAMES = Path(__file__).resolve().parents[1].parent / "shared/datasets/games"
@@ -392,6 +396,153 @@ def test_malformed_input_is_a_data_error_naming_file_line_and_field(
         assert error.line == int(where.split()[1]), message
     else:
         assert error.line is None, message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precheck: the cheap encoding and header checks raise only what the full load raises
+
+def where(error: DataError) -> tuple:
+    return Path(error.file).name, error.line, error.field
+
+
+def reason(error: DataError) -> str:
+    """The message without pyarrow's own words (they differ between its table and footer readers)."""
+    return error.reason.split(": ", 1)[0] if error.reason.startswith("not a readable Parquet") else error.reason
+
+
+# Problems in the first line of a file, which the precheck must find (id, base, overrides, must find)
+FIRST_LINE_INPUTS = [
+    ("dealrec-train-first-line-without-target", DEALREC, {"sequential_train.txt": "1\n2 2\n3 1\n"}),
+    ("dealrec-valid-first-user-differs", DEALREC, {"sequential_valid.txt": "2\n1 4\n3\n"}),
+    ("dealrec-blank-first-line", DEALREC, {"sequential_test.txt": "\n1 5\n2 3\n3\n"}),
+    ("dealrec-blank-file", DEALREC, {"sequential_test.txt": "\n \n\n"}),
+    ("dealrec-users-header", DEALREC, {"users.tsv": "user_id\tname\n1\tU1\n2\tU2\n3\tU3\n"}),
+    ("dealrec-missing-valid-file", DEALREC, {"sequential_valid.txt": None}),
+    ("log-duplicate-column", LOG_CSV, {"items.csv": "item_id,title,title\ni1,a,b\n"}),
+    ("log-bad-quote-in-header", LOG_CSV, {"items.csv": 'item_id,"title\ni1,a\n'}),
+    ("jsonl-first-line-not-json", LOG_CSV, {"interactions.csv": None, "interactions.jsonl": "{nope\n"}),
+    ("jsonl-first-line-missing-key", LOG_CSV, {"interactions.csv": None, "interactions.jsonl": jsonl([
+        {"user_id": "u", "item_id": "i1"}])}),
+    ("jsonl-blank", LOG_CSV, {"interactions.csv": None, "interactions.jsonl": "\n\n"}),
+    ("parquet-unreadable", LOG_CSV, {"items.csv": None, "items.parquet": b"not parquet"}),
+    ("parquet-no-rows", LOG_CSV, {"items.csv": None, "items.parquet": parquet_writer({"item_id": [], "title": []})}),
+    ("bom-and-bad-byte-in-header", LOG_CSV, {"items.csv": codecs.BOM_UTF8 + b"item_id,ti\xfftle\ni1,a\n"}),
+    ("cut-off-character-at-end", DEALREC, {"sequential_test.txt": b"1 5\n2 3\n3\xe2\x82"}),
+]
+MUST_PRECHECK = {case[0] for case in FIRST_LINE_INPUTS} | {
+    "dealrec-missing-column", "dealrec-empty-file", "dealrec-empty-items", "dealrec-non-utf8",
+    "dealrec-non-utf8-sequence", "log-missing-column", "log-empty-file", "log-non-utf8", "jsonl-non-utf8",
+    "parquet-missing-column", "recbole-missing-column", "recbole-no-title"}
+PRECHECK_INPUTS = [case[:3] for case in BAD_INPUTS] + FIRST_LINE_INPUTS
+
+
+@pytest.mark.parametrize("name, base, overrides", PRECHECK_INPUTS, ids=[case[0] for case in PRECHECK_INPUTS])
+def test_precheck_raises_only_what_the_loader_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                     base: Files, overrides: Files) -> None:
+    folder = write_files(tmp_path, base, overrides)
+    with pytest.raises(DataError) as loaded:
+        load_dataset(folder)
+    try:
+        precheck(folder)
+    except DataError as exc:
+        assert (where(exc), reason(exc)) == (where(loaded.value), reason(loaded.value))
+    else:
+        assert name not in MUST_PRECHECK, f"precheck missed: {loaded.value}"
+    # Tiny read limits and chunks (headers cut off, characters split across chunks): the precheck may
+    # then see less (a bad byte's field needs the header line), but never refuses anything else.
+    monkeypatch.setattr(precheck_module, "CHUNK", 3)
+    for head_bytes in (1, 7, 24):
+        monkeypatch.setattr(precheck_module, "HEAD_BYTES", head_bytes)
+        try:
+            precheck(folder)
+        except DataError as exc:
+            assert (where(exc)[:2], reason(exc)) == (where(loaded.value)[:2], reason(loaded.value))
+            assert exc.field in (loaded.value.field, None)
+
+
+VALID_LAYOUTS = [("dealrec", DEALREC), ("recbole", RECBOLE)] + [
+    ("interactions", log_files(fmt)) for fmt in ("csv", "tsv", "jsonl", "parquet")] + [
+    ("interactions", {name: text.replace("\n", "\r\n") for name, text in log_files("csv").items()}),
+    ("interactions", {**LOG_CSV, "items.csv": codecs.BOM_UTF8 + b'"item_id","title"\n\n"i1","a, b"\n' +
+                      "".join(f"{i},{t}\n" for i, t in ITEM_ROWS[1:]).encode()}),
+    ("dealrec", {**DEALREC, "README.txt": "caf\u00e9 \u20ac \U0001d11e\n", "sequential_test.txt": "1 5\n2 3\n3\n\n\n"}),
+]
+
+
+@pytest.mark.parametrize("fmt, files", VALID_LAYOUTS)
+def test_precheck_passes_every_valid_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str,
+                                            files: Files) -> None:
+    folder = write_files(tmp_path, files)
+    assert load_dataset(folder).n_users > 0
+    assert precheck(folder) == fmt
+    monkeypatch.setattr(precheck_module, "CHUNK", 2)
+    for head_bytes in (1, 5, 16, 40):
+        monkeypatch.setattr(precheck_module, "HEAD_BYTES", head_bytes)
+        assert precheck(folder) == fmt
+
+
+def test_precheck_leaves_a_header_past_its_read_limit_to_the_loader(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_files(tmp_path, DEALREC, {"items.tsv": "item_id\tsource_item_id\tname\n1\tA\tx\n"})
+    monkeypatch.setattr(precheck_module, "HEAD_BYTES", 16)
+    assert precheck(folder) == "dealrec"
+    with pytest.raises(DataError, match="missing column 'title'"):
+        load_dataset(folder)
+
+
+def test_precheck_refuses_non_utf8_in_any_text_file(tmp_path: Path) -> None:
+    # The loader never reads notes.txt; the precheck still refuses it (an upload holds data files only).
+    folder = write_files(tmp_path, DEALREC, {"notes.txt": b"ok\nd\xe9j\xe0 vu\n"})
+    with pytest.raises(DataError) as info:
+        precheck(folder)
+    assert where(info.value) == ("notes.txt", 2, None)
+    assert "byte 0xe9 at column 2" in str(info.value)
+
+
+def test_precheck_needs_a_folder_with_a_known_layout(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a folder"):
+        precheck(write_files(tmp_path, DEALREC) / "items.tsv")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match="no dataset layout recognised"):
+        precheck(tmp_path / "other")
+
+
+def test_utf8_scan_locates_the_loaders_byte_across_chunk_boundaries(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random text, one random corruption (a stray continuation byte, 0xff, a character cut short, an
+    overlong form), scanned in chunks of 1-7 bytes: the same error as the loader's whole-file decode."""
+    rng = random.Random(0)
+    pieces = ["a", "7", "\t", "\n", "\r\n", "\u00e9", "\u20ac", "\U0001d11e", " "]
+    corruptions = [b"\x80", b"\xff", b"\xe2\x82", b"\xc0\xaf", b"\xf0\x9d\x84"]
+    field_at = delimited_field_at("\t")
+    path = tmp_path / "t.tsv"
+    for trial in range(300):
+        data = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))).encode()
+        if trial % 5:
+            at = rng.randint(0, len(data))
+            while at < len(data) and 0x80 <= data[at] < 0xC0:  # not inside a character
+                at += 1
+            data = data[:at] + rng.choice(corruptions) + data[at:]
+        path.write_bytes((codecs.BOM_UTF8 if trial % 7 == 0 else b"") + data)
+        monkeypatch.setattr(precheck_module, "CHUNK", 1 + trial % 7)
+        try:
+            read_text(path, field_at)
+            expected = None
+        except DataError as exc:
+            expected = (where(exc), str(exc))
+        try:
+            check_utf8(path, field_at)
+            found = None
+        except DataError as exc:
+            found = (where(exc), str(exc))
+        assert found == expected, (trial, data)
+
+
+@pytest.mark.games
+def test_games_folder_passes_the_precheck() -> None:
+    if not GAMES.is_dir():
+        pytest.skip(f"the Games dataset is not at {GAMES} (it lives in ../shared, beside the project)")
+    assert precheck(GAMES) == "dealrec"
 
 
 # ---------------------------------------------------------------------------------------------------

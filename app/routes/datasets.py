@@ -1,9 +1,11 @@
-"""/v1/datasets: upload (validated asynchronously by a worker), list, read, delete."""
+"""/v1/datasets: upload (encoding and headers checked at once, the rest validated asynchronously by a
+worker), list, read, delete."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -11,10 +13,12 @@ from fastapi.concurrency import run_in_threadpool
 from app.archives import unpack
 from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
-from app.errors import ApiError, not_found
+from app.errors import ApiError, invalid_dataset, not_found
 from app.filenames import is_archive
 from app.schemas import DatasetList, DatasetOut
 from app.uploads import receive_files
+from core.data.errors import DataError
+from core.data.precheck import precheck
 from worker.celery_app import TASK_VALIDATE
 from worker.models import DatasetRecord
 from worker.store import new_id
@@ -32,11 +36,16 @@ _UPLOAD_DOC = {
 
 
 @router.post("/datasets", status_code=202, response_model=DatasetOut, openapi_extra=_UPLOAD_DOC,
-             responses={413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
+             responses={400: {"description": "a file that is not UTF-8 text, lacks a required column, or whose "
+                                             "layout is not recognised (error: file, line, field, message); an "
+                                             "empty file; an unsafe archive"},
+                        413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
 async def upload_dataset(request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the dataset")
                          ) -> DatasetOut:
-    """Stream the files to storage; a worker then validates them (`validating` -> `ready` | `invalid`)."""
+    """Stream the files to storage and check their encoding and headers (a 400 naming the file, line
+    and field, and nothing stored); a worker then validates them in full (`validating` -> `ready` |
+    `invalid`)."""
     ctx = get_ctx(request)
     s = ctx.settings
     tmp = await run_in_threadpool(ctx.storage.tmp_dir, "upload")
@@ -52,11 +61,25 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
                                             s.max_unpacked_bytes, s.max_archive_files)
         else:
             os.rename(raw, tmp / "files")
+        await run_in_threadpool(_precheck, tmp / "files")
         rec = DatasetRecord(id=new_id("ds"), tenant=tenant, name=name, files=files)
         await run_in_threadpool(_register, ctx, rec, tmp / "files")
         return DatasetOut.of(rec)
     finally:
         await run_in_threadpool(ctx.storage.remove, tmp)
+
+
+def _precheck(folder: Path) -> None:
+    """The cheap structural checks, before anything is recorded: what they refuse, the worker would
+    have marked `invalid` later (save a text file no loader reads: it must be UTF-8 too). Streams each
+    text file once, in bounded memory, plus the first MiB of each file the layout reads."""
+    try:
+        fmt = precheck(folder)
+    except DataError as exc:
+        error = invalid_dataset(exc, folder)
+        log.info("upload refused: %s", error.message)
+        raise error from None
+    log.debug("upload passed the precheck as %s", fmt)
 
 
 def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:

@@ -29,6 +29,9 @@ VALID_FILE = "sequential_valid.txt"
 TEST_FILE = "sequential_test.txt"
 ITEMS_FILE = "items.tsv"
 USERS_FILE = "users.tsv"
+SEQUENCE_FILES = (TRAIN_FILE, VALID_FILE, TEST_FILE)
+ITEM_COLUMNS: tuple[str, ...] = ("item_id", "source_item_id", "title")
+USER_COLUMNS: tuple[str, ...] = ("user_id", "source_user_id")
 
 # Any character that has no place in a sequence file of ASCII ids separated by blanks.
 _NOT_ID_TEXT = re.compile(r"[^0-9 \t\r\n]")
@@ -74,7 +77,7 @@ def _parse_int_id(value: str) -> int | None:
 def _read_items(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[int, int]]:
     """Item source ids and titles, ordered by item id, and the map item id -> 1-based index.
     Ids 1..n map to themselves; other ids are renumbered densely in id order."""
-    table = read_table(path, ("item_id", "source_item_id", "title"))
+    table = read_table(path, ITEM_COLUMNS)
     rows: dict[int, tuple[str, str]] = {}
     seen_sources: dict[str, int] = {}
     columns = zip(table.column("item_id"), table.column("source_item_id"), table.column("title"))
@@ -105,12 +108,12 @@ def _read_items(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[int,
 def _read_sequences(path: Path, item_index: dict[int, int]) -> list[SeqLine]:
     """Every line of a sequence file, parsed and checked (ids, known items). Trailing blank lines are
     tolerated, blank lines elsewhere are not (they would shift every later user)."""
-    text = read_text(path, lambda _header, _line, prefix: "item_id" if prefix.split() else "user_id")
+    text = read_text(path, sequence_field_at)
     lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise DataError("the file is empty", file=path, line=1, field="user_id")
+        raise empty_sequence_file(path)
     # The fast path below trusts int() only when the file holds nothing but ASCII digits and blanks
     # (int() alone would also take '+3', '1_0' or non-ASCII digits).
     plain = _NOT_ID_TEXT.search(text) is None
@@ -118,9 +121,18 @@ def _read_sequences(path: Path, item_index: dict[int, int]) -> list[SeqLine]:
     parsed: list[SeqLine] = []
     for number, line in enumerate(lines, start=1):
         fast = _parse_plain_line(line, lookup) if plain else None
-        user, items = fast or _parse_line_strictly(path, number, line, item_index)
+        user, items = fast or parse_sequence_line(path, number, line, item_index)
         parsed.append((number, user, items))
     return parsed
+
+
+def empty_sequence_file(path: Path) -> DataError:
+    return DataError("the file is empty", file=path, line=1, field="user_id")
+
+
+def sequence_field_at(header_line: str, line: int, prefix: bytes) -> str:
+    """A bad byte in a sequence line is in the user id when nothing precedes it, else in an item id."""
+    return "item_id" if prefix.split() else "user_id"
 
 
 def _parse_plain_line(line: str, lookup: Callable[[int], int]) -> tuple[int, tuple[int, ...]] | None:
@@ -133,10 +145,12 @@ def _parse_plain_line(line: str, lookup: Callable[[int], int]) -> tuple[int, tup
         return None
 
 
-def _parse_line_strictly(path: Path, number: int, line: str,
-                         item_index: dict[int, int]) -> tuple[int, tuple[int, ...]]:
+def parse_sequence_line(path: Path, number: int, line: str,
+                        item_index: dict[int, int] | None) -> tuple[int, tuple[int, ...]]:
     """Token by token: the line's user and items, or a DataError naming the first bad token. Lines the
-    fast path refused for their characters alone (say, other whitespace between ids) still load."""
+    fast path refused for their characters alone (say, other whitespace between ids) still load.
+    Without `item_index` (a check before items.tsv is read) items are checked as ids only and
+    returned as written."""
     tokens = line.split()
     if not tokens:
         raise DataError("blank line (every line starts with a user id)", file=path, line=number,
@@ -151,6 +165,9 @@ def _parse_line_strictly(path: Path, number: int, line: str,
         if item is None:
             raise DataError(f"item id {token!r} (position {position}) is not a positive integer", file=path,
                             line=number, field="item_id")
+        if item_index is None:
+            items.append(item)
+            continue
         if item not in item_index:
             raise DataError(f"item id {item} (position {position}) is not in {ITEMS_FILE}", file=path,
                             line=number, field="item_id")
@@ -163,12 +180,22 @@ def _check_train(path: Path, lines: list[SeqLine]) -> None:
     first_line: dict[int, int] = {}
     for number, user, items in lines:
         if not items:
-            raise DataError(f"user {user} has no training item (a sample needs at least a target)",
-                            file=path, line=number, field="item_id")
+            raise no_training_item(path, number, user)
         if user in first_line:
             raise DataError(f"user {user} already has line {first_line[user]}", file=path, line=number,
                             field="user_id")
         first_line[user] = number
+
+
+def no_training_item(path: Path, number: int, user: int) -> DataError:
+    return DataError(f"user {user} has no training item (a sample needs at least a target)",
+                     file=path, line=number, field="item_id")
+
+
+def misaligned_user(path: Path, number: int, user: int, expected: int) -> DataError:
+    return DataError(f"user {user} where {TRAIN_FILE} line {number} has user {expected} "
+                     "(the files must list the same users in the same order)", file=path,
+                     line=number, field="user_id")
 
 
 def _read_aligned(path: Path, users: list[int], item_index: dict[int, int]) -> tuple[tuple[int, ...], ...]:
@@ -179,9 +206,7 @@ def _read_aligned(path: Path, users: list[int], item_index: dict[int, int]) -> t
             raise DataError(f"extra line: {TRAIN_FILE} has {len(users)} users", file=path, line=number,
                             field="user_id")
         if user != users[number - 1]:
-            raise DataError(f"user {user} where {TRAIN_FILE} line {number} has user {users[number - 1]} "
-                            "(the files must list the same users in the same order)", file=path,
-                            line=number, field="user_id")
+            raise misaligned_user(path, number, user, users[number - 1])
     if len(lines) < len(users):
         raise DataError(f"missing user {users[len(lines)]}: {TRAIN_FILE} has {len(users)} users, this file "
                         f"{len(lines)} lines", file=path, line=len(lines) + 1, field="user_id")
@@ -193,7 +218,7 @@ def _source_user_ids(folder: Path, train_lines: list[SeqLine]) -> tuple[str, ...
     path = folder / USERS_FILE
     if not path.exists():
         return tuple(str(user) for _, user, _ in train_lines)
-    table = read_table(path, ("user_id", "source_user_id"))
+    table = read_table(path, USER_COLUMNS)
     sources: dict[int, str] = {}
     for row, (raw_id, raw_source) in enumerate(zip(table.column("user_id"), table.column("source_user_id"))):
         user = _parse_int_id(raw_id)

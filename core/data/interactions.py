@@ -29,6 +29,7 @@ Split = Literal["chrono", "loo"]
 SPLITS: tuple[str, ...] = ("chrono", "loo")
 TABLE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".parquet", ".jsonl")
 LOG_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp")
+ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title")
 
 # Everything that would break a title across lines or columns when it is written back out.
 _TITLE_BREAKS = re.compile(r"[\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
@@ -61,10 +62,37 @@ def read_text(path: Path, field_at: FieldAt | None = None) -> str:
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         line = data.count(b"\n", 0, exc.start) + 1
         prefix = data[line_start:exc.start]
-        header = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+        header = header_text(data.split(b"\n", 1)[0])
         field = field_at(header, line, prefix) if field_at else None
-        raise DataError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column {len(prefix) + 1}",
-                        file=path, line=line, field=field) from None
+        raise not_utf8(path, data[exc.start], line, len(prefix) + 1, field) from None
+
+
+def header_text(first_line: bytes) -> str:
+    """A file's first line (its BOM already dropped) as a `FieldAt` receives it."""
+    return first_line.decode("utf-8", "replace").rstrip("\r")
+
+
+def not_utf8(path: Path, byte: int, line: int, column: int, field: str | None) -> DataError:
+    """The error for the first byte that is not UTF-8 (`column`: 1-based, in bytes)."""
+    return DataError(f"not UTF-8 text: byte 0x{byte:02x} at column {column}", file=path, line=line, field=field)
+
+
+def delimited_field_at(delimiter: str, rename: Callable[[str], str] | None = None) -> FieldAt:
+    """The column of a delimited file that holds a bad byte, counted from the raw header line."""
+    rename_ = rename or (lambda name: name)
+
+    def field_at(header_line: str, line: int, prefix: bytes) -> str | None:
+        names = [rename_(name.strip()) for name in header_line.split(delimiter)]
+        column = prefix.count(delimiter.encode())
+        return names[column] if column < len(names) else None
+
+    return field_at
+
+
+def jsonl_field_at(header_line: str, line: int, prefix: bytes) -> str | None:
+    """The key whose value holds a bad byte in a JSONL line: the last key before that byte."""
+    keys = re.findall(rb'"((?:[^"\\]|\\.)*)"\s*:', prefix)
+    return keys[-1].decode("utf-8", "replace") if keys else None
 
 
 @dataclass(frozen=True)
@@ -107,29 +135,34 @@ def read_table(path: Path, required: Sequence[str], *, delimiter: str | None = N
     is reported against the first column the caller needs. `rename` maps header names (RecBole's
     `name:type` fields) to plain names."""
     path = Path(path)
+    kind = table_kind(path, delimiter)
+    if kind == "parquet":
+        return _read_parquet(path, required)
+    if kind == "jsonl":
+        return _read_jsonl(path, required)
+    return _read_delimited(path, required, kind, quoting, rename or (lambda name: name))
+
+
+def table_kind(path: Path, delimiter: str | None = None) -> str:
+    """How `read_table` reads `path`: "parquet", "jsonl", or the delimiter of a delimited file (the
+    given one, else the extension's). A missing file or an unknown extension is a DataError."""
     if not path.is_file():
         raise DataError("file not found" if not path.exists() else "not a file", file=path)
+    if delimiter is not None:
+        return delimiter
     suffix = path.suffix.lower()
-    if delimiter is None:
-        if suffix == ".parquet":
-            return _read_parquet(path, required)
-        if suffix == ".jsonl":
-            return _read_jsonl(path, required)
-        delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix)
-        if delimiter is None:
-            raise DataError(f"unsupported table format '{suffix}'; expected one of "
-                            f"{', '.join(TABLE_EXTENSIONS)}", file=path)
-    return _read_delimited(path, required, delimiter, quoting, rename or (lambda name: name))
+    if suffix in (".parquet", ".jsonl"):
+        return suffix[1:]
+    by_extension = {".csv": ",", ".tsv": "\t"}.get(suffix)
+    if by_extension is None:
+        raise DataError(f"unsupported table format '{suffix}'; expected one of "
+                        f"{', '.join(TABLE_EXTENSIONS)}", file=path)
+    return by_extension
 
 
 def _read_delimited(path: Path, required: Sequence[str], delimiter: str, quoting: int,
                     rename: Callable[[str], str]) -> Table:
-    def field_at(header_line: str, line: int, prefix: bytes) -> str | None:
-        names = [rename(name.strip()) for name in header_line.split(delimiter)]
-        column = prefix.count(delimiter.encode())
-        return names[column] if column < len(names) else None
-
-    text = read_text(path, field_at)
+    text = read_text(path, delimited_field_at(delimiter, rename))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     header: tuple[str, ...] | None = None
     rows: list[list[str]] = []
@@ -141,7 +174,7 @@ def _read_delimited(path: Path, required: Sequence[str], delimiter: str, quoting
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if header is None:
-                header = _header(path, [rename(name.strip()) for name in row], required, start)
+                header = check_header(path, [rename(name.strip()) for name in row], required, start)
                 continue
             if len(row) != len(header):
                 field = header[len(row)] if len(row) < len(header) else None
@@ -150,16 +183,24 @@ def _read_delimited(path: Path, required: Sequence[str], delimiter: str, quoting
             rows.append(row)
             lines.append(start)
     except csv.Error as exc:
-        raise DataError(f"malformed line: {exc}", file=path, line=reader.line_num) from None
+        raise malformed_line(path, exc, reader.line_num) from None
     if header is None:
-        raise DataError("the file is empty (no header line)", file=path, line=1, field=required[0])
+        raise empty_delimited(path, required)
     if not rows:
         raise DataError("no data rows after the header", file=path, line=2, field=required[0])
     positions = {name: i for i, name in enumerate(header)}
     return Table(path, header, tuple(lines), lambda name: [row[positions[name]] for row in rows])
 
 
-def _header(path: Path, names: list[str], required: Sequence[str], line: int) -> tuple[str, ...]:
+def malformed_line(path: Path, exc: csv.Error, line: int) -> DataError:
+    return DataError(f"malformed line: {exc}", file=path, line=line)
+
+
+def empty_delimited(path: Path, required: Sequence[str]) -> DataError:
+    return DataError("the file is empty (no header line)", file=path, line=1, field=required[0])
+
+
+def check_header(path: Path, names: list[str], required: Sequence[str], line: int) -> tuple[str, ...]:
     """Check a delimited file's header: no duplicate names, every required column present."""
     seen: set[str] = set()
     for name in names:
@@ -174,33 +215,38 @@ def _header(path: Path, names: list[str], required: Sequence[str], line: int) ->
 
 
 def _read_jsonl(path: Path, required: Sequence[str]) -> Table:
-    def field_at(header_line: str, line: int, prefix: bytes) -> str | None:
-        keys = re.findall(rb'"((?:[^"\\]|\\.)*)"\s*:', prefix)
-        return keys[-1].decode("utf-8", "replace") if keys else None
-
-    text = read_text(path, field_at)
+    text = read_text(path, jsonl_field_at)
     rows: list[dict] = []
     lines: list[int] = []
     keys: dict[str, None] = {}  # insertion-ordered set of every key seen
     for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", file=path,
-                            line=number) from None
-        if not isinstance(obj, dict):
-            raise DataError("each line must hold one JSON object", file=path, line=number)
-        for name in required:
-            if name not in obj:
-                raise DataError(f"missing key '{name}'", file=path, line=number, field=name)
+        obj = jsonl_row(path, number, raw, required)
         rows.append(obj)
         lines.append(number)
         keys.update(dict.fromkeys(obj))
     if not rows:
-        raise DataError("the file is empty (no JSON object)", file=path, line=1, field=required[0])
+        raise empty_jsonl(path, required)
     return Table(path, tuple(keys), tuple(lines), lambda name: [obj.get(name) for obj in rows])
+
+
+def jsonl_row(path: Path, number: int, raw: str, required: Sequence[str]) -> dict:
+    """One non-blank JSONL line: a JSON object holding every required key, else a DataError."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", file=path, line=number) from None
+    if not isinstance(obj, dict):
+        raise DataError("each line must hold one JSON object", file=path, line=number)
+    for name in required:
+        if name not in obj:
+            raise DataError(f"missing key '{name}'", file=path, line=number, field=name)
+    return obj
+
+
+def empty_jsonl(path: Path, required: Sequence[str]) -> DataError:
+    return DataError("the file is empty (no JSON object)", file=path, line=1, field=required[0])
 
 
 def _read_parquet(path: Path, required: Sequence[str]) -> Table:
@@ -209,15 +255,10 @@ def _read_parquet(path: Path, required: Sequence[str]) -> Table:
 
     try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"not a readable Parquet file: {exc}", file=path) from None
+    except parquet_errors(pa) as exc:
+        raise unreadable_parquet(path, exc) from None
     header = tuple(table.column_names)
-    for name in required:
-        if name not in header:
-            raise DataError(f"missing column '{name}'; the file has: {', '.join(header) or 'nothing'}",
-                            file=path, field=name)
-    if table.num_rows == 0:
-        raise DataError("row 1: the file has no rows", file=path, field=required[0])
+    check_parquet_columns(path, header, table.num_rows, required)
 
     unreadable = (pa.ArrowException, ValueError, OverflowError)  # bad UTF-8, out-of-range dates
 
@@ -235,6 +276,31 @@ def _read_parquet(path: Path, required: Sequence[str]) -> Table:
             raise DataError(f"unreadable column: {exc}", file=path, field=name) from None
 
     return Table(path, header, None, extract)
+
+
+def parquet_errors(pa: Any) -> tuple[type[Exception], ...]:
+    """What a Parquet file that cannot be read raises (pyarrow passed in: it is imported lazily)."""
+    return (pa.ArrowException, OSError, ValueError)
+
+
+def unreadable_parquet(path: Path, exc: Exception) -> DataError:
+    return DataError(f"not a readable Parquet file: {exc}", file=path)
+
+
+def check_parquet_columns(path: Path, header: Sequence[str], num_rows: int, required: Sequence[str]) -> None:
+    """A Parquet file's columns and row count against what the caller requires."""
+    for name in required:
+        if name not in header:
+            raise DataError(f"missing column '{name}'; the file has: {', '.join(header) or 'nothing'}",
+                            file=path, field=name)
+    if num_rows == 0:
+        raise DataError("row 1: the file has no rows", file=path, field=required[0])
+
+
+def header_table(path: Path, header: Sequence[str]) -> Table:
+    """A Table holding a delimited file's header and no rows: checks that need only the header
+    (`Table.missing_column`, `recbole.title_field`) then run exactly as they do on the full table."""
+    return Table(path, tuple(header), (), lambda name: [])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,7 +549,7 @@ def load_interaction_log(log_path: Path, items_path: Path, split: Split = "chron
     check_split(split)
     started = time.perf_counter()
     log_path, items_path = Path(log_path), Path(items_path)
-    items = read_items(read_table(items_path, ("item_id", "title")))
+    items = read_items(read_table(items_path, ITEM_COLUMNS))
     interactions = read_interactions(read_table(log_path, LOG_COLUMNS), items, items_path.name)
     ds = build_dataset(interactions, items, split, source=f"interactions:{log_path}")
     logger.info("loaded interaction log %s (%s split): %d users, %d items, %d interactions in %.2f s",

@@ -19,6 +19,11 @@ from core.data.interactions import (LOG_COLUMNS, Split, Table, build_dataset, ch
 
 logger = logging.getLogger(__name__)
 
+INTER_COLUMNS: tuple[str, ...] = LOG_COLUMNS
+ITEM_COLUMNS: tuple[str, ...] = ("item_id",)  # plus a title field, found by `title_field`
+DELIMITER = "\t"
+QUOTING = csv.QUOTE_NONE  # as RecBole reads them: quotes are ordinary characters
+
 
 def load_recbole(folder_or_inter_path: Path, split: Split = "chrono") -> RecDataset:
     """Load a RecBole dataset from its folder (`<folder>/<folder>.inter`, or the folder's only `.inter`)
@@ -27,9 +32,9 @@ def load_recbole(folder_or_inter_path: Path, split: Split = "chrono") -> RecData
     started = time.perf_counter()
     inter_path = find_inter_file(Path(folder_or_inter_path))
     item_path = inter_path.with_suffix(".item")
-    items_table = _read_atomic(item_path, ("item_id",))
+    items_table = _read_atomic(item_path, ITEM_COLUMNS)
     items = read_items(items_table, title_field=title_field(items_table))
-    interactions = read_interactions(_read_atomic(inter_path, LOG_COLUMNS), items, item_path.name)
+    interactions = read_interactions(_read_atomic(inter_path, INTER_COLUMNS), items, item_path.name)
     ds = build_dataset(interactions, items, split, source=f"recbole:{inter_path}")
     logger.info("loaded RecBole %s (%s split): %d users, %d items, %d interactions in %.2f s", inter_path,
                 split, ds.n_users, ds.n_items, len(interactions.users), time.perf_counter() - started)
@@ -70,5 +75,9 @@ def title_field(table: Table) -> str:
 
 def _read_atomic(path: Path, required: tuple[str, ...]) -> Table:
     """One atomic file, its `name:type` header fields known by their names alone."""
-    return read_table(path, required, delimiter="\t", quoting=csv.QUOTE_NONE,
-                      rename=lambda field: field.split(":", 1)[0])
+    return read_table(path, required, delimiter=DELIMITER, quoting=QUOTING, rename=field_name)
+
+
+def field_name(header_field: str) -> str:
+    """`user_id:token` -> `user_id`."""
+    return header_field.split(":", 1)[0]

@@ -23,6 +23,25 @@ def _tmp_leftovers(settings) -> list[str]:
     return sorted(os.listdir(tmp)) if tmp.is_dir() else []
 
 
+def _stored(api, settings) -> tuple[list[str], list[str], list[str]]:
+    """What an upload may leave behind: the tenant's datasets, dataset folders, upload folders."""
+    listed = sorted(d["id"] for d in api("GET", "/v1/datasets?limit=200").json()["items"])
+    folders = settings.data_dir / "datasets"
+    return listed, sorted(os.listdir(folders)) if folders.is_dir() else [], _tmp_leftovers(settings)
+
+
+def _refused_at_once(api, settings, files: dict[str, bytes]) -> dict:
+    """POST the files: a 400 invalid_dataset, and nothing recorded or stored. Returns the error."""
+    before = _stored(api, settings)
+    r = api("POST", "/v1/datasets", files=multipart(files))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_dataset", err
+    assert str(settings.data_dir) not in r.text and "/tmp" not in r.text  # no server path leaks
+    assert _stored(api, settings) == before
+    return err
+
+
 def test_health_and_ready(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
@@ -44,12 +63,14 @@ def test_upload_becomes_ready_with_statistics(api):
     assert api("DELETE", f"/v1/datasets/{d['id']}", tenant="other").status_code == 404
 
 
+# Errors past the headers: the upload is accepted, and the worker's full validation finds them.
 @pytest.mark.parametrize("name, damage, file, line, field", [
     ("bad token", lambda f: {**f, "sequential_train.txt": f["sequential_train.txt"].replace(b"\n2 ", b"\n2 x ", 1)},
      "sequential_train.txt", 2, "item_id"),
-    ("non-UTF-8", lambda f: {**f, "items.tsv": f["items.tsv"].replace(b"Game number 3", b"Game \xff 3")},
-     "items.tsv", 4, "title"),
-    ("missing column", lambda f: {**f, "items.tsv": b"item_id\tsource_item_id\n1\tB1\n"}, "items.tsv", 1, "title"),
+    ("unknown item", lambda f: {**f, "sequential_test.txt": f["sequential_test.txt"].replace(b"\n5 ", b"\n5 999 ", 1)},
+     "sequential_test.txt", 5, "item_id"),
+    ("short row", lambda f: {**f, "items.tsv": f["items.tsv"].replace(b"\tGame number 2\n", b"\n", 1)},
+     "items.tsv", 3, "title"),
 ])
 def test_invalid_upload_names_file_line_field(api, name, damage, file, line, field):
     d = upload(api, damage(tiny_dataset()))
@@ -60,6 +81,45 @@ def test_invalid_upload_names_file_line_field(api, name, damage, file, line, fie
     # Pruning it: 409 naming the problem; no job is created.
     r = api("POST", "/v1/prune", json={"dataset_id": d["id"], "budget": 4, "method": "random"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "dataset_not_ready"
+
+
+LOG = {"interactions.csv": b"user_id,item_id,timestamp\nu1,i1,1\nu1,i2,2\n",
+       "items.csv": b"item_id,title\ni1,One\ni2,Two\n"}
+
+
+@pytest.mark.parametrize("name, damage, file, line, field", [
+    ("non-UTF-8 title", lambda f: {**f, "items.tsv": f["items.tsv"].replace(b"Game number 3", b"Game \xff 3")},
+     "items.tsv", 4, "title"),
+    ("non-UTF-8 deep in a sequence file",
+     lambda f: {**f, "sequential_train.txt": f["sequential_train.txt"].replace(b"\n38 ", b"\n38 \xe9", 1)},
+     "sequential_train.txt", 38, "item_id"),
+    ("non-UTF-8 in a file no loader reads", lambda f: {**f, "notes.txt": b"fine\ncaf\xe9\n"}, "notes.txt", 2, None),
+    ("items.tsv lacks title", lambda f: {**f, "items.tsv": b"item_id\tsource_item_id\n1\tB1\n"},
+     "items.tsv", 1, "title"),
+    ("items.tsv with a wrong header", lambda f: {**f, "items.tsv": f["items.tsv"].replace(b"source_item_id", b"asin")},
+     "items.tsv", 1, "source_item_id"),
+    ("users.tsv with a wrong header", lambda f: {**f, "users.tsv": f["users.tsv"].replace(b"source_user_id", b"name")},
+     "users.tsv", 1, "source_user_id"),
+    ("first train line", lambda f: {**f, "sequential_train.txt": b"u1 " + f["sequential_train.txt"]},
+     "sequential_train.txt", 1, "user_id"),
+    ("interaction log lacks item_id",
+     lambda f: {**LOG, "interactions.csv": b"user_id,timestamp\nu1,1\nu1,2\n"}, "interactions.csv", 1, "item_id"),
+])
+def test_bad_encoding_or_header_is_refused_at_once(api, settings, name, damage, file, line, field):
+    err = _refused_at_once(api, settings, damage(tiny_dataset()))
+    assert (err.get("file"), err.get("line"), err.get("field")) == (file, line, field), err
+    assert err["message"].startswith(f"{file}, line {line}"), err
+
+
+def test_unrecognised_layout_is_refused_at_once(api, settings):
+    files = tiny_dataset()
+    err = _refused_at_once(api, settings, {"items.tsv": files["items.tsv"], "users.tsv": files["users.tsv"]})
+    assert "file" not in err and "sequential_train.txt" in err["message"], err
+
+
+def test_a_valid_interaction_log_passes_the_precheck(api):
+    d = upload(api, LOG)
+    assert d["status"] == "ready" and d["format"] == "interactions", d
 
 
 def test_empty_file_is_refused_at_once(api, settings):
@@ -153,6 +213,20 @@ def test_unsafe_archives_refused(api, settings, name, blob):
     assert r.json()["error"]["code"] == "unsafe_archive"
     assert _count_datasets(api) == before and _tmp_leftovers(settings) == []
     assert not (settings.data_dir.parent / "evil.txt").exists()
+
+
+def _bad_utf8(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {**files, "items.tsv": files["items.tsv"].replace(b"Game number 3", b"Game \xff 3")}
+
+
+@pytest.mark.parametrize("name, pack", [("games.zip", _zip), ("games.tar.gz", _tgz)])
+def test_bad_member_of_an_archive_is_refused_at_once(api, settings, name, pack):
+    blob = pack({f"games/{k}": v for k, v in _bad_utf8(tiny_dataset()).items()})
+    err = _refused_at_once(api, settings, {name: blob})
+    assert (err["file"], err["line"], err["field"]) == ("items.tsv", 4, "title"), err
+    blob = pack({**tiny_dataset(), "items.tsv": b"item_id\ttitle\n1\tA\n"})
+    err = _refused_at_once(api, settings, {name: blob})
+    assert (err["file"], err["line"], err["field"]) == ("items.tsv", 1, "source_item_id"), err
 
 
 def test_archive_bombs_refused(api, settings):
