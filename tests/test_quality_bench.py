@@ -1,0 +1,116 @@
+"""bench/quality.py end to end on a tiny synthetic dataset (no LLM), and core.evaluate.surrogate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import PruneConfig, SurrogateConfig
+from core.data import load_dataset
+from core.data.synthetic import dealrec_layout_files
+from core.evaluate.surrogate import surrogate_level
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_LLM = ["random", "grand", "el2n", "ccs", "influence"]  # the default methods that need no LLM
+METRICS = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 20, 50)}
+
+
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("synthetic")
+    for name, content in dealrec_layout_files(n_users=60, n_items=30, seed=1).items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def test_quality_bench_writes_reports_and_resumes(data_dir, tmp_path, capsys):
+    quality = _quality_module()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--data", str(data_dir), "--no-llm", "--seeds", "2", "--budgets", "10", "--ratio-budgets", "8,16,100",
+            "--ratio-methods", "random,el2n,dealrec", "--epochs", "2", "--threads", "1", "--out", str(out),
+            "--cache-dir", str(cache), "--no-progress", "--json"]
+
+    assert quality.main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("results.md", "results.png", "results.json", "ratio.md", "ratio.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert list(first) == ["full", *NO_LLM]
+    for row in first.values():
+        assert set(row) == METRICS
+        assert all(set(v) == {"mean", "std"} and v["std"] >= 0 for v in row.values())
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["methods"] == NO_LLM and report["seeds"] == [0, 1] and report["budgets"] == [10]
+    # 5 methods + full per seed, plus the ratio points not already in the table (budget 100 > 60 users is skipped).
+    assert len(report["cells"]) == 2 * 6 + 2 * 2 * 2
+    assert report["ratio"]["budgets"] == [8, 16] and report["ratio"]["methods"] == ["random", "el2n"]
+    assert not any(c["from_cell_cache"] for c in report["cells"])
+    picked = [c for c in report["cells"] if c["method"] != "full"]
+    assert all(len(c["selected"]) == c["budget"] for c in picked)
+    table = (out / "results.md").read_text()
+    assert "python bench/quality.py --data" in table and "| full data |" in table and "| CCS |" in table
+
+    # A rerun is served from OUT/cells and reports the same numbers.
+    assert quality.main(argv) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second == first
+    rerun = json.loads((out / "results.json").read_text())
+    assert all(c["from_cell_cache"] for c in rerun["cells"])
+
+
+def test_full_data_row_reuses_the_pipeline_surrogate(data_dir, tmp_path):
+    """The full-data row comes from the surrogate the pipeline cached; it must be the very model
+    surrogate_level trains on all users (same config and seed)."""
+    quality = _quality_module()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert quality.main(["--data", str(data_dir), "--methods", "el2n", "--seeds", "1", "--budgets", "10",
+                         "--skip-ratio", "--epochs", "2", "--threads", "1", "--out", str(out),
+                         "--cache-dir", str(cache), "--no-progress"]) == 0
+    full = next(c for c in json.loads((out / "results.json").read_text())["cells"] if c["method"] == "full")
+    assert full["notes"] == ["surrogate: pipeline cache"]
+
+    ds = load_dataset(data_dir)
+    cfg = PruneConfig.model_validate({"surrogate": {"epochs": 2}}).surrogate
+    fresh = surrogate_level(ds, None, cfg, seed=0)
+    assert fresh["metrics"] == full["eval"]["metrics"]
+    assert fresh["best_epoch"] == full["eval"]["best_epoch"] and fresh["selected"] == ds.n_users
+
+
+def test_surrogate_level_treats_the_selection_as_a_set(data_dir):
+    ds = load_dataset(data_dir)
+    cfg = SurrogateConfig(epochs=2, hidden_size=16, num_heads=2)
+    a = surrogate_level(ds, [7, 3, 11, 3, 40], cfg, seed=0)
+    b = surrogate_level(ds, [3, 7, 11, 40], cfg, seed=0)
+    assert a["metrics"] == b["metrics"] and a["selected"] == 4
+    assert set(a["metrics"]) == METRICS and a["test_users"] == ds.n_users and a["seconds"] > 0
+    with pytest.raises(ValueError, match="empty"):
+        surrogate_level(ds, [], cfg, seed=0)
+    with pytest.raises(ValueError, match="must lie in"):
+        surrogate_level(ds, [0, ds.n_users], cfg, seed=0)
+
+
+@pytest.mark.parametrize("method,seed", [("dealrec", 0), ("el2n", 2), ("effort", 1)])
+def test_bench_config_is_the_cli_config(method, seed):
+    """The bench selects with exactly what `dealrec prune --method M --seed S --budget B` would use, so
+    it shares core's cached surrogate, influence and effort with CLI runs (effort: one entry for all seeds)."""
+    from core.cli import build_config, build_parser
+
+    quality = _quality_module()
+    cli_args = build_parser().parse_args(["prune", "--data", "d", "--out", "o", "--method", method,
+                                          "--seed", str(seed), "--budget", "256", "--epochs", "7"])
+    bench_args = quality.parse_args(["--data", "d", "--epochs", "7"])
+    assert quality.prune_config(bench_args, method, seed, 256) == build_config(cli_args, n_samples=1000)
+    assert quality.prune_config(bench_args, method, seed, 256).effort == quality.prune_config(bench_args, method, 0,
+                                                                                               256).effort
