@@ -1,8 +1,9 @@
 """Fixtures for the service tests: the real Redis (a dedicated DB and a per-session key prefix, so
-only our own keys are touched), a real Celery worker process, and the API in-process.
+only our own keys are touched), a real Celery worker process, and the API as a real uvicorn server
+process (`dealrec serve`) that the tests reach over HTTP with httpx.
 
 Redis: `DEALREC_TEST_REDIS_URL` (default redis://127.0.0.1:6379/13); the tests skip when it does
-not answer."""
+not answer. A failing test's report ends with the log tail of every server and worker still running."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("celery")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 redis = pytest.importorskip("redis")
 
-from fastapi.testclient import TestClient  # noqa: E402
-
-from app.main import create_app  # noqa: E402
-from svc_helpers import KEYS, auth  # noqa: E402
+from svc_helpers import KEYS, LIVE, ApiServer, auth, read_tail  # noqa: E402
 from worker.config import Settings  # noqa: E402
 from worker.store import Store, connect  # noqa: E402
 
@@ -38,8 +38,11 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         connect(REDIS_URL).ping()
     except redis.RedisError as exc:
         pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    from tiny_llm import tiny_model_folder  # imported here: transformers is slow to import
+
     data = tmp_path_factory.mktemp("service-data")
     prefix = f"dealrec-test-{uuid.uuid4().hex[:10]}:"
+    tiny_llm = tiny_model_folder(tmp_path_factory.mktemp("tiny-llm"))
     env = {
         "DEALREC_REDIS_URL": REDIS_URL,
         "DEALREC_KEY_PREFIX": prefix,
@@ -48,6 +51,9 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "DEALREC_CACHE_DIR": os.environ.get("DEALREC_TEST_CACHE", str(data / "cache")),
         "DEALREC_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
         "DEALREC_DEVICE": "cpu",
+        # A tiny random Llama requests may name as `tiny`: the LLM stages (effort, fine-tuning,
+        # evaluation) in seconds, for test_service_finetune.py.
+        "DEALREC_LLMS": f"tiny={tiny_llm}",
         "DEALREC_TORCH_THREADS": "1",
         # Redelivery within seconds, so the kill-the-worker test does not wait 6 hours.
         "DEALREC_VISIBILITY_TIMEOUT_S": "5",
@@ -56,8 +62,9 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "DEALREC_LOCK_TTL_S": "4",
         "DEALREC_WORKER_HEARTBEAT_S": "1",
         "DEALREC_PROGRESS_INTERVAL_S": "0.2",
-        "DEALREC_MAX_UPLOAD_BYTES": str(8 << 20),  # the Games files fit, for the real-LLM test
-        "DEALREC_MAX_UNPACKED_BYTES": str(16 << 20),
+        # The Games data fits, for the real-LLM test: 4.6 MB as the DEALRec layout, 12 MB as a CSV log.
+        "DEALREC_MAX_UPLOAD_BYTES": str(16 << 20),
+        "DEALREC_MAX_UNPACKED_BYTES": str(32 << 20),
         "DEALREC_MAX_ARCHIVE_FILES": "20",
         "DEALREC_PING_TIMEOUT_S": "0.5",
     }
@@ -78,21 +85,25 @@ def store(settings) -> Store:
 class WorkerProcess:
     """`celery -A worker.celery_app worker --pool solo -Q cpu,gpu` as a child process."""
 
+    name = "worker"
+
     def __init__(self, env: dict[str, str], log_dir: Path, store: Store) -> None:
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         self.log_dir = log_dir
         self.store = store
         self.proc: subprocess.Popen | None = None
+        self.log: Path | None = None
         self.n = 0
 
     def start(self, timeout: float = 90.0) -> None:
         self.n += 1
         self.log = self.log_dir / f"worker-{self.n}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q", "cpu,gpu",
-             "--loglevel", "INFO", "--hostname", f"test{self.n}-{uuid.uuid4().hex[:6]}@%h",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=ROOT, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        with open(self.log, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q",
+                 "cpu,gpu", "--loglevel", "INFO", "--hostname", f"test{self.n}-{uuid.uuid4().hex[:6]}@%h",
+                 "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -103,10 +114,7 @@ class WorkerProcess:
         raise RuntimeError(f"worker not ready after {timeout} s:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return read_tail(self.log, n)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no ack; the job's message stays unacked in Redis."""
@@ -127,14 +135,42 @@ class WorkerProcess:
 @pytest.fixture(scope="session")
 def worker(service_env, store, tmp_path_factory) -> Iterator[WorkerProcess]:
     w = WorkerProcess(service_env, tmp_path_factory.mktemp("worker-logs"), store)
+    LIVE[id(w)] = w
     w.start()
     yield w
     w.stop()
+    LIVE.pop(id(w), None)
 
 
 @pytest.fixture(scope="session")
-def client(settings, worker) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+def api_server(service_env, tmp_path_factory) -> Iterator[ApiServer]:
+    """The session's API: `dealrec serve` on a free port, the worker's DEALREC_* settings."""
+    server = ApiServer(service_env, tmp_path_factory.mktemp("api-logs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_api_server(service_env, tmp_path) -> Iterator[Callable[..., ApiServer]]:
+    """start_api_server(DEALREC_X=...) -> a server of the test's own, the session's settings overridden;
+    stopped after the test (after its report, which therefore still shows the log tail)."""
+    servers: list[ApiServer] = []
+
+    def start(**overrides: str) -> ApiServer:
+        log_dir = tmp_path / f"api-logs-{len(servers)}"
+        log_dir.mkdir()
+        servers.append(ApiServer({**service_env, **overrides}, log_dir, name=f"api-{len(servers)}"))
+        return servers[-1].start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(api_server, worker) -> Iterator[httpx.Client]:
+    """A plain HTTP client of the session's server (a worker is running: the tests expect one)."""
+    with api_server.client() as c:
         yield c
 
 
@@ -145,3 +181,14 @@ def api(client) -> Callable:
         headers = {**auth(tenant), **kw.pop("headers", {})}
         return client.request(method, url, headers=headers, **kw)
     return call
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, the log tails of the live server(s) and worker: the cause of a 500 or a stuck job
+    is in another process's log, not in the test's output."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for proc in list(LIVE.values()):
+            report.sections.append((f"{proc.name} log (tail)", proc.tail() or "(empty)"))

@@ -1,26 +1,18 @@
 """With Redis stopped the API answers 503 JSON, and recovers by itself when Redis is back.
 
-Runs its own redis-server on a free port (the shared one is never stopped)."""
+Runs its own redis-server on a free port (the shared one is never stopped) and its own API server
+process pointed at it (the session's server talks to the shared Redis)."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from svc_helpers import auth, multipart, tiny_dataset
+from svc_helpers import auth, free_port, multipart, tiny_dataset
 from worker.store import connect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:
@@ -47,14 +39,14 @@ class PrivateRedis:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_redis_down_is_503_and_recovers(settings, tmp_path):
-    port = _free_port()
+def test_redis_down_is_503_and_recovers(start_api_server, tmp_path):
+    port = free_port()
     server = PrivateRedis(port, tmp_path)
     server.start()
     url = f"redis://127.0.0.1:{port}/0"
-    app = create_app(settings.model_copy(update={"redis_url": url, "data_dir": tmp_path / "data"}))
     try:
-        with TestClient(app, raise_server_exceptions=False) as c:
+        api_server = start_api_server(DEALREC_REDIS_URL=url, DEALREC_DATA_DIR=str(tmp_path / "data"))
+        with api_server.client() as c:
             h = auth("acme")
             assert c.get("/v1/jobs", headers=h).status_code == 200
             server.stop()
