@@ -96,3 +96,74 @@ class PruneConfig(_Strict):
     effort: EffortConfig = EffortConfig()
     selection: SelectionConfig = SelectionConfig()
     seed: int = 0
+
+
+class FinetuneConfig(_Strict):
+    """LoRA fine-tuning of the LLM recommender on BIGRec records: the recipe of the DEALRec reference's
+    few-shot runs (finetune.sh: batch 128, lr 1e-4, 50 epochs, cutoff 512, LoRA r 8 / alpha 16 /
+    dropout 0.05 on q_proj+v_proj, train_on_inputs, early stopping with patience 5 on the selected
+    users' validation samples) and its transformers Trainer settings (AdamW, betas 0.9/0.999, eps
+    1e-8, no weight decay, gradient clipping at 1.0, 20 warmup steps then a linear decay; see
+    core/finetune.py for where the loop departs from the Trainer)."""
+
+    llm: str = "auto"
+    gguf_file: str | None = None
+    # Start from this peft adapter (the reference starts from alpaca-lora-7B); its LoRA shape wins over
+    # lora_* below.
+    adapter: str | None = None
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # Effective batch (one optimizer step); micro_batch_size samples per forward pass, accumulated.
+    batch_size: int = Field(128, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    cutoff_len: int = Field(512, ge=16)
+    train_on_inputs: bool = True  # loss on the whole prompt (reference); False = only the response
+    # Validation loss every `eval_every` epochs; stop after `patience` evaluations without a lower one,
+    # then restore the best adapter (the reference: Trainer's EarlyStoppingCallback + load_best_model_at_end).
+    eval_every: int = Field(1, ge=1)
+    patience: int = Field(5, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto": bf16 autocast on CUDA (the reference trains in fp16), exact fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro_fits_batch(self) -> "FinetuneConfig":
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError("micro_batch_size must not exceed batch_size")
+        return self
+
+
+class LLMEvalConfig(_Strict):
+    """LLM-level evaluation as BIGRec grounds it (the DEALRec reference's inference_ddp.py and
+    data/evaluate.py): beam search generates a title for each test user, the generated text and
+    every item title are embedded by the base LLM's last-layer hidden state of the last token, and
+    items are ranked by L2 distance (seen items are not excluded in the reference)."""
+
+    llm: str = "auto"
+    gguf_file: str | None = None
+    adapter: str | None = None  # None = the base model alone
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(4, ge=1)  # prompts per generate() call
+    embed_batch_size: int = Field(32, ge=1)
+    cutoff_len: int = Field(512, ge=16)
+    test_users: int | None = Field(None, ge=1)  # a seeded random subset of the users with a test item
+    seed: int = 0
+    # The reference embeds with the base model (no adapter); "adapter" embeds with the fine-tuned one.
+    embed_with: Literal["base", "adapter"] = "base"
+    exclude_seen: bool = False
+    ks: tuple[int, ...] = (10, 20, 50)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto": generation under bf16 autocast on CUDA, fp32 on CPU; embeddings are always fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -7,55 +7,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from core.config import EffortConfig
-from core.data.dataset import RecDataset
 from core.effort.llm import attach_lora
 from core.effort.prompts import PromptTemplate, make_record, tokenize_samples
 from core.effort.score import EffortScorer, EffortSettings, effort_reference, find_target
-
-WORDS = ("below is an instruction that describes a task paired with input provides further context write response "
-         "appropriately completes the request # instruction input response given game products user purchased "
-         "before please recommend new product likes to has following with titles as a ; . , : - zelda mario halo "
-         "doom sonic tetris pacman metroid kirby fifa").split()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, pad_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_dataset(n_users: int = 14, seed: int = 0) -> RecDataset:
-    rng = np.random.default_rng(seed)
-    titles = ("zelda", "mario halo", "doom - sonic", "tetris", "pacman metroid", "kirby", "fifa zelda", "halo doom")
-    train = tuple(tuple(int(x) for x in rng.integers(1, len(titles) + 1, size=rng.integers(1, 12)))
-                  for _ in range(n_users))
-    empty = tuple(() for _ in range(n_users))
-    return RecDataset(user_ids=tuple(f"u{i}" for i in range(n_users)), item_ids=tuple(f"i{i}" for i in range(len(titles))),
-                      item_titles=titles, train=train, valid=empty, test=empty)
-
-
-def randomise_lora_b(model) -> None:
-    """A trained adapter has B != 0 (a fresh one has B = 0): then the LoRA path matters in the forward pass too."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+from tiny_llm import randomise_lora_b, tiny_dataset, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ sentences through `PromptTemplate`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -55,13 +55,35 @@ class SampleRecord:
         return {"instruction": self.instruction, "input": self.input, "output": self.output}
 
 
-def make_record(ds: RecDataset, user: int, template: PromptTemplate, kept: int | None = None) -> SampleRecord:
-    history = ds.history(user)
+Split = Literal["train", "valid", "test"]
+
+
+def split_lines(ds: RecDataset, user: int, split: Split = "train") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(history, targets) of one user's sample for a split, as the reference builds BIGRec data:
+    train = training line minus its last item -> that item; valid = the whole training line -> the
+    validation item(s); test = training line + validation items -> the test item(s). Targets may be
+    empty (a user without a validation or test item)."""
+    if split == "train":
+        return ds.history(user), (ds.target(user),)
+    if split == "valid":
+        return ds.train[user], ds.valid[user]
+    if split == "test":
+        return ds.train[user] + ds.valid[user], ds.test[user]
+    raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+
+
+def make_record(ds: RecDataset, user: int, template: PromptTemplate, kept: int | None = None,
+                split: Split = "train") -> SampleRecord:
+    """The user's record for `split`: output = the (first) target's title for train and valid; empty
+    for test, whose record is the generation prompt (the answer is what the LLM writes)."""
+    history, targets = split_lines(ds, user, split)
+    if split != "test" and not targets:
+        raise ValueError(f"user {user} has no {split} item")
     if kept is not None:
         history = history[len(history) - kept:] if kept else ()
     titles = template.separator.join(clean_title(ds.item_titles[i - 1]) for i in history)
-    return SampleRecord(template.instruction, template.input_prefix + titles,
-                        clean_title(ds.item_titles[ds.target(user) - 1]), len(history))
+    output = "" if split == "test" else clean_title(ds.item_titles[targets[0] - 1])
+    return SampleRecord(template.instruction, template.input_prefix + titles, output, len(history))
 
 
 @dataclass(frozen=True)
@@ -72,41 +94,45 @@ class TokenizedSample:
 
 
 def tokenize_samples(ds: RecDataset, users: Sequence[int], tokenizer, cutoff_len: int,
-                     template: PromptTemplate | None = None) -> list[TokenizedSample]:
+                     template: PromptTemplate | None = None, split: Split = "train") -> list[TokenizedSample]:
     """Tokenise each user's prompt as the reference does (the tokenizer's own special tokens, e.g.
     Llama's BOS, then EOS appended) and drop the oldest history items until it fits
     `cutoff_len` tokens. The reference's own cut left ~300 Games prompts over 512; this one cannot:
-    if even an empty history does not fit (a huge target title), the ids are cut hard at the limit."""
+    if even an empty history does not fit (a huge target title), the ids are cut hard at the limit.
+
+    `split` picks the sample (see `split_lines`); a "test" prompt ends at "### Response:\n" with no
+    EOS (generation continues it), and is cut so that it alone fits `cutoff_len`."""
     template = template or PromptTemplate()
-    eos = tokenizer.eos_token_id
-    records = [make_record(ds, u, template) for u in users]
+    eos = tokenizer.eos_token_id if split != "test" else None
+    records = [make_record(ds, u, template, split=split) for u in users]
     encoded = tokenizer([r.prompt() for r in records])["input_ids"]
     out: list[TokenizedSample] = []
     for u, rec, ids in zip(users, records, encoded):
         kept = rec.kept
         if _with_eos_len(ids, eos) > cutoff_len:
-            kept, ids = _fit(ds, u, template, tokenizer, cutoff_len, rec.kept)
-        ids = list(ids) if ids and ids[-1] == eos else list(ids) + [eos]
+            kept, ids = _fit(ds, u, template, tokenizer, cutoff_len, rec.kept, split)
+        ids = list(ids) if eos is None or (ids and ids[-1] == eos) else list(ids) + [eos]
         out.append(TokenizedSample(int(u), tuple(ids[:cutoff_len]), kept))
     return out
 
 
-def _with_eos_len(ids: Sequence[int], eos: int) -> int:
-    return len(ids) + (0 if ids and ids[-1] == eos else 1)
+def _with_eos_len(ids: Sequence[int], eos: int | None) -> int:
+    return len(ids) + (0 if eos is None or (ids and ids[-1] == eos) else 1)
 
 
 def _fit(ds: RecDataset, user: int, template: PromptTemplate, tokenizer, cutoff_len: int,
-         n_history: int) -> tuple[int, list[int]]:
-    """Largest number of recent history items whose prompt + EOS fits, by binary search (token
-    count grows with the number of items kept)."""
+         n_history: int, split: Split = "train") -> tuple[int, list[int]]:
+    """Largest number of recent history items whose prompt (+ EOS, except for test prompts) fits,
+    by binary search (token count grows with the number of items kept)."""
+    eos = tokenizer.eos_token_id if split != "test" else None
 
     def encode(k: int) -> list[int]:
-        return tokenizer(make_record(ds, user, template, k).prompt())["input_ids"]
+        return tokenizer(make_record(ds, user, template, k, split).prompt())["input_ids"]
 
     lo, hi = 0, n_history  # invariant: answer in [lo, hi]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _with_eos_len(encode(mid), tokenizer.eos_token_id) <= cutoff_len:
+        if _with_eos_len(encode(mid), eos) <= cutoff_len:
             lo = mid
         else:
             hi = mid - 1

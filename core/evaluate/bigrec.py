@@ -1,0 +1,321 @@
+"""LLM-level quality as BIGRec measures it: generate a title for each test user, ground it to real
+items by embedding distance, and compute Recall@K / NDCG@K over the full item catalogue.
+
+Follows the DEALRec reference's `inference_ddp.py` and `data/evaluate.py`:
+- the test prompt's history is the user's training line plus validation items, the targets are the
+  test items; users without a test item are skipped;
+- beam search (4 beams, 128 new tokens, one returned sequence), the generated text taken after the
+  prompt with surrounding double quotes stripped;
+- the generated text and every item title are embedded by the *base* LLM (no adapter) as the final
+  (normed) last-layer hidden state of the last token, and items are ranked by L2 distance, seen
+  items not excluded (both configurable: `embed_with`, `exclude_seen`).
+Where ours differs: a long test prompt loses its oldest history items (the reference cut the prompt
+with the target title in it, then cut again from the right at 512 tokens, which can drop
+"### Response:"); texts are right-padded and read at their real last token, so batching does not
+change an embedding; distance ties go to the lower item index; item titles are whitespace-cleaned
+as in the training records, so a generated text equal to an item's title is at distance 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.config import LLMEvalConfig
+from core.data.dataset import RecDataset
+from core.effort.prompts import PromptTemplate, clean_title, tokenize_samples
+from core.surrogate.metrics import recall_ndcg_at_k
+from core.surrogate.train import Cancelled
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
+CancelFn = Callable[[], bool]
+STAGES = ("load", "items", "generate", "ground")
+
+
+class EvaluationCancelled(Cancelled):
+    """Raised when `cancel()` returns True."""
+
+
+def _check(cancel: CancelFn | None) -> None:
+    if cancel is not None and cancel():
+        raise EvaluationCancelled("evaluation cancelled")
+
+
+def _report(progress: ProgressFn | None, stage: str, frac: float, msg: str = "") -> None:
+    if progress is not None:
+        progress(stage, frac, msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def select_test_users(ds: RecDataset, n: int | None = None, seed: int = 0) -> list[int]:
+    """Users with at least one test item, in index order; with `n`, a seeded random subset of n of them
+    (the same n and seed always give the same users)."""
+    users = [u for u in range(ds.n_users) if ds.test[u]]
+    if n is not None and n < len(users):
+        rng = np.random.default_rng(seed)
+        users = sorted(int(users[i]) for i in rng.choice(len(users), size=n, replace=False))
+    return users
+
+
+def clean_generated(text: str) -> str:
+    """The generated title as the reference grounds it: surrounding double quotes stripped."""
+    return text.strip('"')
+
+
+def rank_by_distance(queries: torch.Tensor, items: torch.Tensor, k: int,
+                     exclude: Sequence[Sequence[int]] | None = None, chunk: int = 256) -> np.ndarray:
+    """(n_queries, k) row indices of `items`, nearest first by L2 distance; ties go to the lower
+    index. `exclude[q]` lists item rows never ranked for query q (their slots, if fewer than k rows
+    remain, are -1)."""
+    if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and items {tuple(items.shape)} must be 2-d with one width")
+    n_cols = min(k, items.shape[0])
+    out = np.full((queries.shape[0], k), -1, dtype=np.int64)
+    items = items.float()
+    for start in range(0, queries.shape[0], chunk):
+        d = torch.cdist(queries[start:start + chunk].float(), items, p=2)
+        if exclude is not None:
+            for r, ex in enumerate(exclude[start:start + chunk]):
+                if len(ex):
+                    d[r, torch.as_tensor(list(ex), dtype=torch.long)] = float("inf")
+        order = torch.sort(d, dim=1, stable=True)
+        idx = order.indices[:, :n_cols].masked_fill(torch.isinf(order.values[:, :n_cols]), -1)
+        out[start:start + d.shape[0], :n_cols] = idx.cpu().numpy()
+    return out
+
+
+def _decoder(model):
+    """The transformer body (no LM head) of a causal LM or a peft model around one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, base.base_model_prefix, None)
+    return body if body is not None else base.get_decoder()
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+                device: torch.device | str = "cpu", progress: Callable[[float, str], None] | None = None,
+                cancel: CancelFn | None = None) -> torch.Tensor:
+    """(len(texts), hidden) fp32: the final last-layer hidden state (after the last norm, i.e. the
+    reference's `hidden_states[-1]`) at each text's last token, the text tokenised with the
+    tokenizer's own special tokens. Texts are grouped by length and right-padded, and each row is read
+    at its real last token: an embedding does not depend on the batch. An empty text is embedded as
+    the EOS token alone (it has no token of its own)."""
+    body = _decoder(model)
+    filler = tokenizer.eos_token_id
+    encoded = [list(ids) or [filler] for ids in tokenizer(list(texts))["input_ids"]] if texts else []
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    hidden = None
+    for done, start in enumerate(range(0, len(order), batch_size)):
+        _check(cancel)
+        part = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in part)
+        ids = torch.full((len(part), width), filler, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for r, i in enumerate(part):
+            ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, :len(encoded[i])] = 1
+        states = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        last = torch.tensor([len(encoded[i]) - 1 for i in part], device=states.device)
+        rows = states[torch.arange(len(part), device=states.device), last].float().cpu()
+        if hidden is None:
+            hidden = torch.empty((len(encoded), rows.shape[1]), dtype=torch.float32)
+        hidden[torch.tensor(part)] = rows
+        if progress is not None:
+            progress(min(1.0, (start + len(part)) / len(order)), f"{start + len(part)}/{len(order)} texts")
+    if hidden is None:
+        return torch.zeros((0, model.config.hidden_size), dtype=torch.float32)
+    return hidden
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, num_beams: int = 4,
+                   max_new_tokens: int = 128, batch_size: int = 4, device: torch.device | str = "cpu",
+                   autocast: Callable = nullcontext, progress: Callable[[float, str], None] | None = None,
+                   cancel: CancelFn | None = None) -> list[str]:
+    """Beam-search continuation of each tokenised prompt (left-padded batches of similar length),
+    decoded without special tokens and stripped of surrounding double quotes."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen = GenerationConfig(num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    out: list[str] = [""] * len(prompts)
+    t0 = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        _check(cancel)
+        part = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for r, i in enumerate(part):
+            n = len(prompts[i])
+            ids[r, width - n:] = torch.tensor(list(prompts[i]))
+            mask[r, width - n:] = 1
+        with autocast():
+            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+        texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
+        for i, text in zip(part, texts):
+            out[i] = clean_generated(text)
+        if progress is not None:
+            done = start + len(part)
+            progress(done / len(order), f"{done}/{len(order)} users, {(time.perf_counter() - t0) / done:.1f} s/user")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def _autocast(precision: str, dev: torch.device) -> Callable:
+    if precision == "bf16" or (precision == "auto" and dev.type == "cuda"):
+        return lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _base_only(model, enabled: bool):
+    """Context in which a peft model runs without its adapter (the reference embeds with the base)."""
+    if enabled and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return nullcontext()
+
+
+def item_embeddings(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, device: torch.device | str = "cpu",
+                    progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> torch.Tensor:
+    """(n_items, hidden): row i - 1 embeds item i's (cleaned) title with the model `cfg.embed_with` names."""
+    titles = [clean_title(t) for t in ds.item_titles]
+    with _base_only(model, cfg.embed_with == "base"):
+        return embed_texts(model, tokenizer, titles, batch_size=cfg.embed_batch_size, device=device,
+                           progress=lambda f, m: _report(progress, "items", f, m), cancel=cancel)
+
+
+def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, template: PromptTemplate | None = None,
+                 device: torch.device | str = "cpu", items: torch.Tensor | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, Any]:
+    """BIGRec evaluation of `model` (a causal LM, or a peft model with its adapter) on the test users of
+    `ds` (`cfg.test_users` of them, seeded, or all with a test item).
+
+    `items`: precomputed `item_embeddings` (else computed here). Returns {"metrics": {"recall@K",
+    "ndcg@K", ..., "users"}, "predictions": [{"user", "user_id", "generated", "targets", "target_rank",
+    "top10"}], "seconds": {...}}; item ids are 1-based, `target_rank` is the 0-based rank of the
+    best-placed test item among the first max(ks) (None beyond)."""
+    template = template or PromptTemplate()
+    dev = torch.device(device)
+    times: dict[str, float] = {}
+    users = select_test_users(ds, cfg.test_users, cfg.seed)
+    if items is None:
+        t = time.perf_counter()
+        items = item_embeddings(model, tokenizer, ds, cfg, device=dev, progress=progress, cancel=cancel)
+        times["items"] = time.perf_counter() - t
+    if items.shape[0] != ds.n_items:
+        raise ValueError(f"item embeddings have {items.shape[0]} rows for {ds.n_items} items")
+
+    t = time.perf_counter()
+    prompts = [s.ids for s in tokenize_samples(ds, users, tokenizer, cfg.cutoff_len, template, split="test")]
+    _report(progress, "generate", 0.0, f"{len(users)} users")
+    generated = generate_texts(model, tokenizer, prompts, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size, device=dev, autocast=_autocast(cfg.precision, dev),
+                               progress=lambda f, m: _report(progress, "generate", f, m), cancel=cancel)
+    times["generate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with _base_only(model, cfg.embed_with == "base"):
+        queries = embed_texts(model, tokenizer, generated, batch_size=cfg.embed_batch_size, device=dev,
+                              progress=lambda f, m: _report(progress, "ground", f, m), cancel=cancel)
+    max_k = max(cfg.ks)
+    exclude = None
+    if cfg.exclude_seen:
+        exclude = [[i - 1 for i in ds.train[u] + ds.valid[u]] for u in users]
+    ranked = rank_by_distance(queries, items, max_k, exclude)
+    ranked = np.where(ranked >= 0, ranked + 1, -1)  # rows -> 1-based item ids
+    truths = [ds.test[u] for u in users]
+    metrics: dict[str, Any] = recall_ndcg_at_k(ranked, truths, cfg.ks) if users else \
+        {f"{m}@{k}": 0.0 for k in cfg.ks for m in ("recall", "ndcg")}
+    metrics = {key: metrics[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")}
+    metrics["users"] = len(users)
+    times["ground"] = time.perf_counter() - t
+
+    predictions = []
+    for r, u in enumerate(users):
+        hits = [j for j in range(max_k) if ranked[r, j] in set(ds.test[u])]
+        predictions.append({"user": u, "user_id": ds.user_ids[u], "generated": generated[r],
+                            "targets": list(ds.test[u]), "target_rank": hits[0] if hits else None,
+                            "top10": [int(i) for i in ranked[r, :10]]})
+    _report(progress, "ground", 1.0, "done")
+    return {"metrics": metrics, "predictions": predictions, "seconds": times}
+
+
+def titles_digest(ds: RecDataset) -> str:
+    h = hashlib.sha256()
+    for t in ds.item_titles:
+        h.update(clean_title(t).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None = None, use_cache: bool = True,
+                 template: PromptTemplate | None = None, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None) -> dict[str, Any]:
+    """Load the configured LLM (and adapter), then `evaluate_llm`. The base model's item embeddings
+    are cached under `cache_dir` (they depend only on the LLM and the titles, not on the adapter).
+    Returns `evaluate_llm`'s result plus "params" (the resolved config, LLM identity, device)."""
+    from core.cache import cache_key, load_arrays, save_arrays
+    from core.effort.llm import LLMError, load_base_model, resolve_llm
+    from core.pipeline import resolve_device
+
+    t0 = time.perf_counter()
+    source = resolve_llm(cfg.llm, cfg.gguf_file)
+    if cfg.adapter and not Path(cfg.adapter, "adapter_config.json").is_file():
+        raise LLMError(f"adapter folder '{cfg.adapter}' has no adapter_config.json")
+    dev = resolve_device(cfg.device)
+    _report(progress, "load", 0.0, "loading the LLM")
+    model, tokenizer = load_base_model(source, cache_dir)
+    if cfg.adapter:
+        import warnings
+
+        from peft import PeftModel
+
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=False)
+    model = model.to(dev).eval()
+    _report(progress, "load", 1.0, "")
+    load_seconds = time.perf_counter() - t0
+
+    items = None
+    path = None
+    if cache_dir is not None and use_cache and (cfg.embed_with == "base" or not cfg.adapter):
+        path = Path(cache_dir) / cache_key("items-bigrec", llm=source.key(), titles=titles_digest(ds)) / "items.npz"
+        got = load_arrays(path)
+        if got is not None and got["emb"].shape[0] == ds.n_items:
+            items = torch.from_numpy(got["emb"])
+            _report(progress, "items", 1.0, "from cache")
+    if items is None:
+        t = time.perf_counter()
+        items = item_embeddings(model, tokenizer, ds, cfg, device=dev, progress=progress, cancel=cancel)
+        item_seconds = time.perf_counter() - t
+        if path is not None:
+            save_arrays(path, emb=items.numpy())
+    else:
+        item_seconds = 0.0
+    result = evaluate_llm(model, tokenizer, ds, cfg, device=dev, items=items, template=template,
+                          progress=progress, cancel=cancel)
+    result["seconds"] = {"load": load_seconds, "items": item_seconds, **result["seconds"],
+                         "total": time.perf_counter() - t0}
+    result["params"] = {**cfg.model_dump(mode="json"),
+                        "llm_source": {"path": str(source.folder.resolve()), "gguf_file": source.gguf_file,
+                                       "key": source.key()},
+                        "device": str(dev), "dataset_fingerprint": ds.fingerprint}
+    return result
