@@ -55,13 +55,14 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, rec: JobRecord) -> "JobOut":
-        data = rec.model_dump(exclude={"tenant", "worker", "updated_at"})
+        data = rec.model_dump(exclude={"tenant", "worker", "updated_at", "artifacts", "effort_info", "handoff"})
         data["estimated_finish"] = _eta(rec)
         if rec.status == "succeeded" and rec.result is not None:
             base = f"/v1/jobs/{rec.id}"
             data["result"] = {**rec.result, "links": {
                 "selection": f"{base}/selection?format=json", "selection_csv": f"{base}/selection?format=csv",
-                "scores": f"{base}/scores?format=csv", "bigrec_train": f"{base}/bigrec_train.jsonl"}}
+                "scores": f"{base}/scores?format=csv", "bigrec_train": f"{base}/bigrec_train.jsonl",
+                **({"adapter": f"{base}/adapter"} if "finetune" in rec.result else {})}}
         return cls.model_validate(data)
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from core.config import InfluenceConfig, PruneConfig, SurrogateConfig
+from core.config import FinetuneConfig, InfluenceConfig, LLMEvalConfig, PruneConfig, SurrogateConfig
 
 Method = Literal["dealrec", "random", "grand", "el2n", "ccs", "influence", "effort", "greedy"]
 
@@ -40,6 +40,35 @@ class PruneParams(_Forbid):
     effort: EffortParams = EffortParams()
 
 
+class EvaluateParams(_Forbid):
+    """LLM-level evaluation after fine-tuning (BIGRec grounding; core's LLMEvalConfig defaults)."""
+
+    test_users: int | None = Field(None, ge=1, description="a seeded random subset of N users with a test item (all)")
+    num_beams: int | None = Field(None, ge=1, le=16, description="beam search width (4)")
+    max_new_tokens: int | None = Field(None, ge=1, le=1024, description="longest generated title (128)")
+    exclude_seen: bool = False
+
+
+class FinetuneParams(_Forbid):
+    """LoRA fine-tuning of the job's LLM (`params.effort.llm`) on the selected samples, after the
+    selection; omitted fields take the reference's BIGRec recipe (core's FinetuneConfig)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "epochs": 2, "micro_batch_size": 4, "evaluate": {"test_users": 500, "num_beams": 4}}]})
+
+    epochs: int | None = Field(None, ge=1, le=1000, description="most epochs (50), early-stopped on validation loss")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="AdamW learning rate (1e-4)")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="effective batch (128)")
+    micro_batch_size: int | None = Field(None, ge=1, le=1024, description="samples per forward pass (4)")
+    warmup_steps: int | None = Field(None, ge=0, le=100_000)
+    patience: int | None = Field(None, ge=1, le=1000)
+    cutoff_len: int | None = Field(None, ge=16, le=32768)
+    lora_r: int | None = Field(None, ge=1, le=256)
+    lora_alpha: int | None = Field(None, ge=1, le=1024)
+    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    evaluate: EvaluateParams | None = Field(EvaluateParams(), description="null: fine-tune without evaluating")
+
+
 class PruneRequest(_Forbid):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"examples": [{
         "dataset_id": "ds_0193b0c1d2e3a1b2c3d4e5", "budget": 64, "method": "dealrec", "seed": 0,
@@ -54,6 +83,7 @@ class PruneRequest(_Forbid):
     limit_users: int | None = Field(None, ge=1, description="keep only the first N users")
     split: Literal["chrono", "loo"] = Field("chrono", description="interaction logs: chronological 8:1:1 or leave-one-out")
     params: PruneParams = PruneParams()
+    finetune: FinetuneParams | None = Field(None, description="fine-tune (and evaluate) the LLM on the selection")
 
     @field_validator("budget")
     @classmethod
@@ -93,3 +123,25 @@ def to_config(req: PruneRequest, n_samples: int, *, device: str = "auto", llm_pa
                           cutoff_len=e.cutoff_len)},
     }
     return PruneConfig.model_validate(raw)
+
+
+def _pick(**kw: Any) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def to_finetune_config(req: PruneRequest, *, device: str = "auto", llm_path: str = "auto") -> FinetuneConfig:
+    """The fine-tuning recipe of a request: the job's LLM and seed, the request's overrides."""
+    f = req.finetune or FinetuneParams()
+    return FinetuneConfig.model_validate({
+        "llm": llm_path, "device": device, "seed": req.seed,
+        **_pick(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, micro_batch_size=f.micro_batch_size,
+                warmup_steps=f.warmup_steps, patience=f.patience, cutoff_len=f.cutoff_len, lora_r=f.lora_r,
+                lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout)})
+
+
+def to_eval_config(req: PruneRequest, adapter: str, *, device: str = "auto", llm_path: str = "auto") -> LLMEvalConfig:
+    e = (req.finetune.evaluate if req.finetune else None) or EvaluateParams()
+    cutoff = req.finetune.cutoff_len if req.finetune else None
+    return LLMEvalConfig.model_validate({
+        "llm": llm_path, "adapter": adapter, "device": device, "seed": req.seed, "exclude_seen": e.exclude_seen,
+        **_pick(test_users=e.test_users, num_beams=e.num_beams, max_new_tokens=e.max_new_tokens, cutoff_len=cutoff)})

@@ -6,15 +6,27 @@ from core.selection import required_scores
 from worker.config import Settings
 
 
-def job_stages(method: str) -> list[str]:
-    """The stages of a prune job: only those whose scores the method needs."""
+def job_stages(method: str, finetune: bool = False, evaluate: bool = False) -> list[str]:
+    """The stages of a prune job: only those whose scores the method needs, then optionally
+    fine-tuning the LLM on the selection and evaluating it."""
     needed = required_scores(method)
     stages = ["load"]
     if needed & {"influence", "grand", "el2n"}:
         stages += ["surrogate", "influence"]
     if "effort" in needed:
         stages.append("effort")
-    return stages + ["selection", "outputs"]
+    stages += ["selection", "outputs"]
+    if finetune:
+        stages.append("finetune")
+        if evaluate:
+            stages.append("evaluate")
+    return stages
+
+
+def request_stages(req) -> list[str]:
+    """The stages of a job from its `PruneRequest`."""
+    ft = req.finetune
+    return job_stages(req.method, ft is not None, ft is not None and ft.evaluate is not None)
 
 
 def first_queue(method: str, settings: Settings) -> str:

@@ -18,7 +18,8 @@ from worker.store import Store
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = {**STAGE_WEIGHTS, "outputs": 0.01}
+# Fine-tuning and evaluation (optional) outweigh the whole selection on a CPU; rough shares.
+WEIGHTS = {**STAGE_WEIGHTS, "outputs": 0.01, "finetune": 1.0, "evaluate": 0.5}
 
 
 class JobReporter:

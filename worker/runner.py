@@ -10,9 +10,11 @@ precision) reads exactly the artifact the earlier stage wrote."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,8 @@ from core.selection import required_scores
 from core.surrogate.train import Cancelled
 from worker.config import Settings
 from worker.models import JobRecord
-from worker.params import PruneRequest, to_config
-from worker.plan import job_stages, next_segment
+from worker.params import PruneRequest, to_config, to_eval_config, to_finetune_config
+from worker.plan import next_segment, request_stages
 from worker.progress import CancelCheck, JobReporter
 from worker.storage import Storage
 from worker.store import JobLock, Store, StoreError
@@ -92,7 +94,7 @@ class JobRunner:
         if job is None or job.status not in ("queued", "running"):
             return Outcome(job.status if job else "missing")
         req = PruneRequest.model_validate(job.request)
-        stages = job_stages(req.method)
+        stages = request_stages(req)
         owner, segment = next_segment(stages, job.completed_stages, self.settings)
         if owner is None:  # every stage done: the task that finished them also ended the job
             return Outcome(job.status)
@@ -179,6 +181,7 @@ class _Segment:
         self.model = None  # the surrogate, once trained or loaded in this task
         self.scores: dict[str, np.ndarray] = {}
         self.selection = None
+        self.result: dict = dict(job.result or {})  # what the client sees once the job succeeded
         self.tmp: Path | None = None
 
     def run(self) -> Outcome:
@@ -190,10 +193,11 @@ class _Segment:
                 if self.cancel():
                     raise JobCancelled()
                 getattr(self, f"_{stage}")()
-                if stage != "outputs":
-                    self._complete(stage)
-            if "outputs" in self.segment:
-                return Outcome("succeeded")
+                last = stage == self.stages[-1]
+                self._complete(stage, final=last)
+                if last:
+                    self._finish()
+                    return Outcome("succeeded")
             nxt, _ = next_segment(self.stages, self.completed, self.settings)
             self.store.update_job(self.job_id, allowed=["running"], handoff=nxt, queue=nxt)
             return Outcome("running", nxt)
@@ -298,18 +302,80 @@ class _Segment:
         self.r.storage.publish(self.tmp, self.r.storage.job_dir(self.job_id))
         self.tmp = None
         self.reporter("outputs", 1.0, "outputs written")
-        self._complete("outputs", final=True)
-        for stage in ("surrogate", "influence", "effort"):  # the method's unneeded stages, as core reports them
-            self.timings.setdefault(stage, {**vars(StageRecord(skipped=True))})
-            self.timings[stage].pop("child_peak_rss_mb", None)
         n = len(self.selection.selected)
-        outcome = {"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.selection.budget,
-                   "notes": list(self.selection.notes), "dataset_fingerprint": self.ds.fingerprint,
-                   "effort": self.effort_info or None}
+        self.result = {"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.selection.budget,
+                       "notes": list(self.selection.notes), "dataset_fingerprint": self.ds.fingerprint,
+                       "effort": self._effort_summary()}
         self.store.add_event(self.job_id, f"selected {n} of {self.ds.n_users} samples", n_selected=n,
                              reused_stages=self.reused)
+
+    def _selected_indices(self) -> list[int]:
+        """The selection this job published (fine-tuning may run in a later task than selection)."""
+        if self.selection is not None:
+            return [int(i) for i in self.selection.selected]
+        path = self.r.storage.job_file(self.job_id, "selection.json")
+        try:
+            return [int(s["index"]) for s in json.loads(path.read_text())["selected"]]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactMissing(f"the selection of this job is no longer stored ({exc})") from None
+
+    def _finetune(self) -> None:
+        from core.finetune import run_finetune
+
+        self.reporter("finetune", 0.0, "fine-tuning the LLM on the selection")
+        cfg = to_finetune_config(self.req, device=self.settings.device, llm_path=self._llm_path())
+        job_dir = self.r.storage.job_dir(self.job_id)
+        adapter = job_dir / "adapter"
+        self.r.storage.remove(adapter)  # a partial one from a worker that died
+        with StageTimer(self.records, "finetune"):
+            meta = run_finetune(self.ds, self._selected_indices(), cfg, adapter, cache_dir=self.cache,
+                                progress=self._progress("finetune"), cancel=self.cancel,
+                                extra_meta={"job_id": self.job_id})
+            _tar_atomically(adapter, job_dir / "adapter.tar.gz")
+        meta["base_model"] = {k: v for k, v in meta["base_model"].items() if k != "path"}  # no server paths
+        self.result["finetune"] = {k: meta.get(k) for k in (
+            "epochs_run", "best_epoch", "stopped_early", "steps", "train_samples", "valid_samples",
+            "train_seconds", "seconds_per_sample", "precision", "selection_fingerprint", "base_model")}
+        self.result["finetune"]["recipe"] = {k: v for k, v in meta["recipe"].items() if k not in ("llm", "adapter")}
+
+    def _evaluate(self) -> None:
+        from core.evaluate.bigrec import run_evaluate
+
+        adapter = self.r.storage.job_dir(self.job_id) / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise ArtifactMissing("the fine-tuned adapter of this job is no longer stored")
+        cfg = to_eval_config(self.req, str(adapter), device=self.settings.device, llm_path=self._llm_path())
+        spans = {"load": (0.0, 0.05), "items": (0.05, 0.35), "generate": (0.35, 0.95), "ground": (0.95, 1.0)}
+
+        def progress(part: str, frac: float, msg: str = "") -> None:
+            lo, hi = spans.get(part, (0.95, 1.0))
+            self.reporter("evaluate", lo + (hi - lo) * frac, f"{part}: {msg}" if msg else part)
+
+        self.reporter("evaluate", 0.0, "evaluating the fine-tuned LLM")
+        with StageTimer(self.records, "evaluate"):
+            out = run_evaluate(self.ds, cfg, cache_dir=self.cache, progress=progress, cancel=self.cancel)
+        metrics = dict(out["metrics"])  # recall@K, ndcg@K, users
+        tmp = self.r.storage.job_dir(self.job_id) / ".metrics.json.tmp"
+        tmp.write_text(json.dumps({**metrics, "seconds": out.get("seconds")}, indent=2, default=float))
+        os.replace(tmp, self.r.storage.job_file(self.job_id, "metrics.json"))
+        self.result["metrics"] = metrics
+
+    def _effort_summary(self) -> dict | None:
+        """How effort was computed, naming the LLM as the client did (never a server path)."""
+        if not self.effort_info:
+            return None
+        return {**{k: v for k, v in self.effort_info.items() if k != "llm"}, "llm": self.req.params.effort.llm}
+
+    def _llm_path(self) -> str:
+        return self.settings.llm_choices().get(self.req.params.effort.llm, "auto")
+
+    def _finish(self) -> None:
+        for stage in ("surrogate", "influence", "effort"):  # the method's unneeded stages, as core reports them
+            if stage not in self.timings:
+                self.timings[stage] = {k: v for k, v in vars(StageRecord(skipped=True)).items()
+                                       if k != "child_peak_rss_mb"}
         self.store.transition(self.job_id, "succeeded", stage=None, progress=1.0, handoff=None, stages=self.timings,
-                              completed_stages=self.completed, reused_stages=self.reused, result=outcome)
+                              completed_stages=self.completed, reused_stages=self.reused, result=self.result)
         self.store.add_event(self.job_id, "job succeeded")
 
     # ------------------------------------------------------------------ bookkeeping
@@ -346,7 +412,17 @@ class _Segment:
         if not final:  # the last stage's record is written with the job's final status
             self.store.update_job(self.job_id, allowed=["running"], completed_stages=self.completed,
                                   stages=self.timings, artifacts=self.artifacts, reused_stages=self.reused,
-                                  effort_info=self.effort_info or None)
+                                  effort_info=self.effort_info or None, result=self.result or None)
+
+
+def _tar_atomically(folder: Path, target: Path) -> None:
+    """`folder`'s files as a .tar.gz named after the folder, written beside `target` then renamed."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(Path(folder.name) / path.relative_to(folder)))
+    os.replace(tmp, target)
 
 
 def _now() -> str:

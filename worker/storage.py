@@ -20,7 +20,7 @@ from worker.store import is_valid_id
 
 log = logging.getLogger(__name__)
 
-JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl")
+JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl", "adapter.tar.gz", "metrics.json")
 
 
 class Storage:

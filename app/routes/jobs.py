@@ -19,7 +19,7 @@ from core.selection import required_scores
 from worker.celery_app import TASK_RUN
 from worker.plan import first_queue
 from worker.models import TERMINAL, JobRecord
-from worker.params import PruneRequest, to_config
+from worker.params import PruneRequest, to_config, to_finetune_config
 from worker.store import StoreError, new_id
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
     if dataset.status != "ready":
         raise ApiError(409, "dataset_not_ready", f"dataset {req.dataset_id} is {dataset.status}, not ready",
                        dataset_status=dataset.status, errors=[e.model_dump() for e in dataset.errors] or None)
-    needs_llm = "effort" in required_scores(req.method)
+    needs_llm = "effort" in required_scores(req.method) or req.finetune is not None
     if needs_llm and req.params.effort.llm not in ctx.llms:
         raise ApiError(422, "invalid_request", f"params.effort.llm: unknown model '{req.params.effort.llm}'; "
                        f"this server offers {', '.join(sorted(ctx.llms))}", field="params.effort.llm")
@@ -63,6 +63,13 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
         first = exc.errors()[0]
         field = ".".join(str(x) for x in first["loc"])
         raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None
+    if req.finetune is not None:
+        try:
+            to_finetune_config(req, device=ctx.settings.device)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(["finetune", *(str(x) for x in first["loc"])])
+            raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None
     body = req.model_dump(mode="json", by_alias=True)
     queue = first_queue(req.method, ctx.settings)
     params = {**cfg.model_dump(mode="json", by_alias=True), "limit_users": req.limit_users, "split": req.split}
@@ -165,3 +172,16 @@ def scores(job_id: str, request: Request, tenant: str = Depends(require_tenant),
 def bigrec_train(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
     """The selected samples as BIGRec instruction records, ready for LoRA fine-tuning."""
     return _artifact(get_ctx(request), job_id, tenant, "bigrec_train.jsonl", "application/x-ndjson")
+
+
+@router.get("/jobs/{job_id}/adapter", response_class=FileResponse,
+            responses={200: {"content": {"application/gzip": {}}},
+                       404: {"description": "no such job, or the job did not fine-tune"}})
+def adapter(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
+    """The LoRA adapter fine-tuned on the selection (jobs started with `finetune`): a .tar.gz of the
+    peft folder `adapter/` (adapter_config.json, adapter_model.safetensors, finetune.json)."""
+    ctx = get_ctx(request)
+    job = _job(ctx, job_id, tenant)
+    if job.status == "succeeded" and not (job.request or {}).get("finetune"):
+        raise ApiError(404, "no_adapter", f"job {job_id} did not fine-tune the LLM (start it with \"finetune\")")
+    return _artifact(ctx, job_id, tenant, "adapter.tar.gz", "application/gzip")
