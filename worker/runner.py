@@ -186,6 +186,8 @@ class _Segment:
 
     def run(self) -> Outcome:
         try:
+            if self.cancel():  # cancelled while it waited in the queue: not even the data is loaded
+                raise JobCancelled()
             self._load()
             for stage in self.segment:
                 if stage == "load":

@@ -335,6 +335,23 @@ class Store:
             return self.request_cancel(job_id)
         raise StoreError("invalid_transition", f"job {job_id} is already {job.status}", status=job.status)
 
+    def cancel_if_waiting(self, job_id: str, lock_ttl_s: float) -> bool:
+        """Cancel at once a running job that waits in a queue between two of its tasks (handed off,
+        no worker holds it): there is no batch to wait for. Holding the job's lock while deciding
+        keeps a worker from starting it meanwhile; the queued task then finds it cancelled."""
+        lock = self.job_lock(job_id, lock_ttl_s)
+        if not lock.acquire():
+            return False
+        try:
+            job = self.get_job(job_id)
+            if job is None or job.status != "running" or not job.handoff:
+                return False
+            self.transition(job_id, "cancelled", only_from=["running"], stage=None, handoff=None,
+                            error={"code": "cancelled", "message": "cancelled by request"})
+            return True
+        finally:
+            lock.release()
+
     def cancel_requested(self, job_id: str) -> bool:
         return json.loads(self.r.hget(self._job(job_id), "cancel_requested") or "false") is True
 

@@ -120,7 +120,8 @@ def job_events(job_id: str, request: Request, tenant: str = Depends(require_tena
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut,
              responses={409: {"description": "the job has already finished"}})
 def cancel_job(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
-    """A queued job is cancelled at once; a running one stops within one batch of its stage."""
+    """A queued job, or a running one waiting in a queue between two of its tasks, is cancelled at
+    once; one that a worker runs stops within one batch of its stage."""
     ctx = get_ctx(request)
     job = _job(ctx, job_id, tenant)
     if job.status in TERMINAL:
@@ -128,7 +129,11 @@ def cancel_job(job_id: str, request: Request, tenant: str = Depends(require_tena
     # Logged before the flag is set: the worker's "job cancelled" must come after it.
     ctx.store.add_event(job_id, "cancel requested", level="warning", status_before=job.status)
     try:
-        ctx.store.request_cancel(job_id)
+        before = ctx.store.request_cancel(job_id)
+        if before == "running" and ctx.store.cancel_if_waiting(job_id, ctx.settings.lock_ttl_s):
+            # Between two tasks: nothing runs it, so it ends now, with its partial outputs.
+            ctx.storage.remove(ctx.storage.job_dir(job_id))
+            ctx.store.add_event(job_id, "job cancelled", level="warning")
     except StoreError as exc:
         if exc.code == "invalid_transition":  # it finished in the meantime
             raise _finished(job_id, exc.extra.get("status")) from None

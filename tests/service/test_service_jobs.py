@@ -246,3 +246,24 @@ def test_stalled_running_job_is_requeued(api, dataset, store):
     normal = wait_job(api, _prune(api, dataset["id"], budget=5, method="random", seed=4).json()["id"])
     assert api("GET", f"/v1/jobs/{job.id}/selection").json()["selected"] == \
         api("GET", f"/v1/jobs/{normal['id']}/selection").json()["selected"]
+
+
+def test_cancel_job_waiting_between_tasks_is_immediate(api, dataset, store, settings):
+    """A running job handed to another queue (no worker holds it yet) is cancelled at once."""
+    from worker.models import JobRecord
+    from worker.params import PruneRequest
+    from worker.store import new_id
+
+    req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random"})
+    job, _ = store.create_job(JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"],
+                                        request=req.model_dump(mode="json", by_alias=True)))
+    store.transition(job.id, "running", worker="w:1", attempts=1, handoff="gpu", completed_stages=["load"])
+    settings.data_dir.joinpath("jobs", job.id).mkdir(parents=True)  # partial outputs of the first task
+    r = api("POST", f"/v1/jobs/{job.id}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled", r.text
+    assert not settings.data_dir.joinpath("jobs", job.id).exists()
+    assert _messages_of(api, job.id)[-1] == "job cancelled"
+
+
+def _messages_of(api, job_id: str) -> list[str]:
+    return [e["message"] for e in api("GET", f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]]
