@@ -192,12 +192,20 @@ def test_killed_worker_job_resumes_elsewhere(api, worker, tmp_path):
     wait_for(lambda: api("GET", f"/v1/jobs/{job['id']}").json(),
              lambda j: j["stage"] == "influence", timeout=120)
     worker.kill()
-    assert api("GET", f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    at_kill = api("GET", f"/v1/jobs/{job['id']}").json()
+    assert at_kill["status"] == "running"
     worker.start()
     done = wait_job(api, job["id"], timeout=240)
     assert done["status"] == "succeeded", (done, worker.tail())
-    assert done["attempts"] == 2 and "surrogate" in done["reused_stages"], done
-    assert "influence" not in done["reused_stages"]
+    assert done["attempts"] == 2, done
+    # Finished stages are not run again. Usually the kill lands inside influence: the new worker
+    # loads the surrogate it finished and computes influence; on a slow machine influence may have
+    # finished just before the kill, and then the new worker needs neither.
+    assert "influence" not in done["reused_stages"], done
+    if "influence" not in at_kill["completed_stages"]:
+        assert "surrogate" in done["reused_stages"], (at_kill, done)
+    for stage in at_kill["completed_stages"]:
+        assert done["stages"][stage] == at_kill["stages"][stage], stage  # timings of the first attempt kept
     events = api("GET", f"/v1/jobs/{job['id']}/events?limit=1000").json()["items"]
     assert [e["id"] for e in events] == list(range(1, len(events) + 1))
     assert any(e["message"] == "job resumed after its worker stopped" for e in events)
