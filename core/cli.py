@@ -161,12 +161,7 @@ def build_config(args: argparse.Namespace, n_samples: int):
                    **pick(gguf_file=args.gguf_file, adapter=args.adapter, cutoff_len=args.cutoff_len,
                           processes=args.effort_processes)},
     }
-    try:
-        return PruneConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise UsageError(f"invalid parameter {where}: {first['msg']}") from None
+    return _validated(PruneConfig, raw)
 
 
 class _Bars:
