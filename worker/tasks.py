@@ -90,16 +90,16 @@ def requeue_stalled_jobs(store: Store, settings, holder: str) -> list[str]:
     such a job waits for the broker to restore its unacked message, i.e. the visibility timeout
     (hours), or forever if the message was acknowledged as failed while Redis was away. A duplicate
     message is harmless: the job lock and the recorded stages make the second one a no-op."""
-    from worker.models import JobRecord  # noqa: F401 - the store returns these
     from worker.params import PruneRequest
-    from worker.plan import job_stages, next_segment
+    from worker.plan import next_segment, request_stages
 
     if not store.claim_reaper(holder, settings.lock_ttl_s):
         return []
     requeued = []
     for job in store.stalled_jobs(idle_s=3 * settings.lock_ttl_s):
-        method = PruneRequest.model_validate(job.request).method
-        queue, _ = next_segment(job_stages(method), job.completed_stages, settings)
+        # The job's own stage list (the runner's), fine-tuning stages included.
+        stages = request_stages(PruneRequest.model_validate(job.request))
+        queue, _ = next_segment(stages, job.completed_stages, settings)
         if queue is None:
             continue
         try:
