@@ -143,6 +143,10 @@ def test_evaluate_end_to_end_and_cancel(tiny):
     for p in res["predictions"]:
         if p["target_rank"] is not None and p["target_rank"] < 10:
             assert p["top10"][p["target_rank"]] in p["targets"]
+    # Each user's own metrics average to the reported ones (paired comparisons rely on that).
+    for key, value in res["metrics"].items():
+        if key != "users":
+            assert np.mean([p["metrics"][key] for p in res["predictions"]]) == pytest.approx(value)
     with pytest.raises(EvaluationCancelled):
         evaluate_llm(model, tok, ds, cfg, cancel=lambda: True)
 

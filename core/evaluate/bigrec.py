@@ -210,8 +210,8 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
 
     `items`: precomputed `item_embeddings` (else computed here). Returns {"metrics": {"recall@K",
     "ndcg@K", ..., "users"}, "predictions": [{"user", "user_id", "generated", "targets", "target_rank",
-    "top10"}], "seconds": {...}}; item ids are 1-based, `target_rank` is the 0-based rank of the
-    best-placed test item among the first max(ks) (None beyond)."""
+    "top10", "metrics"}], "seconds": {...}}; item ids are 1-based, `target_rank` is the 0-based rank of
+    the best-placed test item among the first max(ks) (None beyond), "metrics" the user's own."""
     template = template or PromptTemplate()
     dev = torch.device(device)
     times: dict[str, float] = {}
@@ -251,9 +251,13 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     predictions = []
     for r, u in enumerate(users):
         hits = [j for j in range(max_k) if ranked[r, j] in set(ds.test[u])]
+        # The user's own metrics (their mean over users is `metrics`): paired comparisons of two
+        # adapters on the same users need them.
+        own = recall_ndcg_at_k(ranked[r:r + 1], [ds.test[u]], cfg.ks)
         predictions.append({"user": u, "user_id": ds.user_ids[u], "generated": generated[r],
                             "targets": list(ds.test[u]), "target_rank": hits[0] if hits else None,
-                            "top10": [int(i) for i in ranked[r, :10]]})
+                            "top10": [int(i) for i in ranked[r, :10]],
+                            "metrics": {key: own[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")}})
     _report(progress, "ground", 1.0, "done")
     return {"metrics": metrics, "predictions": predictions, "seconds": times}
 
