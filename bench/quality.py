@@ -16,6 +16,14 @@ surrogate of each seed is the upper reference line.
 Every (method, seed, budget) result is kept as JSON under OUT/cells/: an interrupted run resumes
 where it stopped. OUT gets results.md / results.png / results.json and ratio.md / ratio.png. With
 --json the last stdout line is {method: {metric: {"mean", "std"}}} for the first budget.
+
+    python bench/quality.py --data ../shared/datasets/games --limit-users 10000 --llm-eval
+        [--methods dealrec,random] [--seeds 1] [--llm-epochs 3] [--test-users 500] [--no-base]
+
+--llm-eval is the LLM-level comparison instead (bench/llm_level.py): LoRA-fine-tune the LLM on each
+method's selection (the same cells' selections) and evaluate it BIGRec-style on one fixed subset of
+test users, plus the LLM without fine-tuning; OUT gets llm.md / llm.png / llm.json, cells under
+OUT/llm-cells/, and --json prints the same shape with the rows "base" and the methods.
 """
 
 from __future__ import annotations
@@ -25,10 +33,9 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +45,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.cache import atomic_write_bytes, cache_key, default_cache_dir  # noqa: E402
-from core.config import PruneConfig  # noqa: E402
-from core.data.dataset import RecDataset  # noqa: E402
+from bench import llm_level
+from bench.common import METRICS, SHORT, command_line, mean_std
+from bench.common import fmt_mean_std as _fmt
+from bench.common import pyplot as _pyplot
+from core.cache import atomic_write_bytes, cache_key, default_cache_dir
+from core.config import PruneConfig
+from core.data.dataset import RecDataset
 
 log = logging.getLogger("bench.quality")
 
 METHODS = ("random", "grand", "el2n", "ccs", "dealrec", "influence", "effort", "greedy")
 FULL = "full"  # the full-data reference row
-METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
-SHORT = {m: ("R@" if m.startswith("recall") else "N@") + m.split("@")[1] for m in METRICS}
 RATIO_METRICS = ("recall@20", "ndcg@20")
 LABELS = {FULL: "full data", "random": "Random", "grand": "GraNd", "el2n": "EL2N", "ccs": "CCS",
           "dealrec": "DEALRec", "influence": "influence only", "effort": "effort only", "greedy": "greedy"}
@@ -66,9 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder (any layout `dealrec prune` reads)")
     ap.add_argument("--limit-users", type=int, default=None, help="keep only the first N users")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (default 3)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 3; 1 with --llm-eval)")
     ap.add_argument("--budgets", default="1024", help="table budget(s): counts or ratios, comma-separated")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated pruning methods")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated pruning methods (default all; dealrec,random with --llm-eval)")
     ap.add_argument("--no-llm", action="store_true", help="skip the methods that need the LLM's effort score")
     ap.add_argument("--ratio-budgets", default="256,512,1024,2048,4096", help="budgets of the ratio curve")
     ap.add_argument("--ratio-methods", default="dealrec,random", help="methods of the ratio curve")
@@ -84,7 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="last stdout line: method -> metric -> mean/std")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("-v", "--verbose", action="store_true", help="also core's per-epoch log lines")
+    llm_level.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.methods is None:
+        args.methods = "dealrec,random" if args.llm_eval else ",".join(METHODS)
+    if args.seeds is None:
+        args.seeds = 1 if args.llm_eval else 3
     args.methods = _checked_methods(_csv(args.methods), "--methods")
     args.ratio_methods = _checked_methods(_csv(args.ratio_methods), "--ratio-methods")
     if args.seeds < 1:
@@ -266,13 +281,6 @@ def _log_cell(cell: dict[str, Any], resumed: bool) -> None:
 # Aggregation
 
 
-def mean_std(values: Iterable[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single seed)."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "n": int(arr.size)}
-
-
 def summarize(results: dict[Cell, dict[str, Any]], methods: list[str], seeds: list[int],
               budget: int, n_users: int) -> dict[str, dict[str, dict[str, float]]]:
     """method -> metric -> mean/std over seeds at `budget`, the full-data row first."""
@@ -298,10 +306,6 @@ def timings(results: dict[Cell, dict[str, Any]], methods: list[str], seeds: list
 
 # ----------------------------------------------------------------------------------------------
 # Reports
-
-
-def _fmt(ms: dict[str, float]) -> str:
-    return f"{ms['mean']:.4f} ± {ms['std']:.4f}"
 
 
 def _best_methods(summary: dict[str, dict[str, dict[str, float]]], metric: str) -> set[str]:
@@ -345,10 +349,6 @@ def cells_md(results: dict[Cell, dict[str, Any]], resumed: set[Cell]) -> list[st
     return lines
 
 
-def command_line(args: argparse.Namespace) -> str:
-    return "python bench/quality.py " + shlex.join(args.argv)
-
-
 def header_md(title: str, args: argparse.Namespace, meta: dict[str, Any]) -> list[str]:
     data = (f"- data: `{args.data}`, {meta['users']} users (training samples), {meta['items']} items, "
             f"fingerprint `{meta['fingerprint']}`")
@@ -389,18 +389,6 @@ def ratio_md(args, meta, budgets, methods, curve, full) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg: no display needed)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install -e '.[bench]'): no plots")
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_results(path: Path, summaries: dict[int, dict], meta: dict[str, Any]) -> bool:
@@ -534,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
 
     seeds = list(range(args.seeds))
     budgets = parse_budgets(args.budgets, ds.n_users)
+    if args.llm_eval:
+        return main_llm(args, ds, seeds, budgets, t0)
     ratio_budgets = [] if args.skip_ratio or not args.ratio_methods else _ratio_budgets(args, ds.n_users)
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"quality-{args.limit_users or 'all'}"
+    out = _out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     cells = _cells_for(args.methods, seeds, budgets, ds.n_users)
     cells += [Cell(m, s, b) for s in seeds for b in ratio_budgets for m in args.ratio_methods]
@@ -569,6 +559,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else ROOT / "bench" / "results" / f"quality-{args.limit_users or 'all'}"
+
+
+def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets: list[int], t0: float) -> int:
+    """--llm-eval: the LLM-level rows (bench/llm_level.py); selections from the surrogate-level cells."""
+    from core.pipeline import resolve_device
+
+    out = _out_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = llm_level.llm_cells(args.methods, seeds, budgets, with_base=not args.no_base)
+    bar, status = _status_bar(len(cells), not args.no_progress)
+    ctx = Context(ds, args, out, Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                  resolve_device(args.device), status)
+
+    def selection_of(method: str, seed: int, budget: int) -> list[int]:
+        cell, _ = run_cell(Cell(method, seed, budget), ctx)
+        return list(cell["selected"])
+
+    results, resumed = {}, set()
+    try:
+        for cell in cells:
+            results[cell], was_cached = llm_level.run_llm_cell(cell, ctx, selection_of)
+            if was_cached:
+                resumed.add(cell)
+            r = results[cell]
+            log.info("LLM level %s%s: R@20 %.4f N@20 %.4f over %d users (fine-tune %s, generate %.0fs)",
+                     cell.label(), " [from cell cache]" if was_cached else "", r["metrics"]["recall@20"],
+                     r["metrics"]["ndcg@20"], r["metrics"]["users"],
+                     f"{r['finetune']['train_seconds']:.0f}s" if r["finetune"] else "-",
+                     r["eval_seconds"].get("generate", 0.0))
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        log.warning("interrupted: %d of %d LLM cells finished are kept in %s; rerun the same command to resume",
+                    len(results), len(cells), out / "llm-cells")
+        return 130
+    bar.close()
+    report = llm_level.write_llm_reports(args, ds, out, ctx.device, seeds, budgets, args.methods, results, resumed,
+                                         time.perf_counter() - t0, LABELS)
+    log.info("wrote %s in %.1fs (%d LLM cells, %d from the cell cache)", out / "llm.md", time.perf_counter() - t0,
+             len(cells), len(resumed))
+    if args.json:
+        print(json.dumps({m: {k: {"mean": v["mean"], "std": v["std"]} for k, v in row.items()}
+                          for m, row in report["summary"][str(budgets[0])].items()}))
+    return 0
+
+
 def write_reports(args, ds, out: Path, device, seeds, budgets, ratio_budgets, results, resumed,
                   seconds) -> dict[str, Any]:
     """results.md / results.png / results.json, and ratio.md / ratio.png when there is a curve."""
@@ -588,7 +626,9 @@ def write_reports(args, ds, out: Path, device, seeds, budgets, ratio_budgets, re
         "budgets": budgets, "methods": args.methods, "wall_seconds": round(seconds, 1),
         "config": prune_config(args, "dealrec", 0, budgets[0]).model_dump(mode="json"),
         "summary": {str(b): s for b, s in summaries.items()}, "timings": {str(b): t for b, t in times.items()},
-        "cells": [{**r, "from_cell_cache": c in resumed} for c, r in results.items()],
+        # The selected indices stay in OUT/cells (one file per cell); here only their count.
+        "cells": [{**r, "selected": len(r["selected"]) if r["selected"] is not None else None,
+                   "from_cell_cache": c in resumed} for c, r in results.items()],
     }
     if ratio_budgets:
         curve = {m: {b: summarize(results, [m], seeds, b, ds.n_users)[m] for b in ratio_budgets}

@@ -1,4 +1,5 @@
-"""bench/quality.py end to end on a tiny synthetic dataset (no LLM), and core.evaluate.surrogate."""
+"""bench/quality.py end to end on a tiny synthetic dataset (surrogate level without an LLM; the LLM
+level with a tiny random Llama), and core.evaluate.surrogate."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.config import PruneConfig, SurrogateConfig
@@ -58,7 +60,9 @@ def test_quality_bench_writes_reports_and_resumes(data_dir, tmp_path, capsys):
     assert report["ratio"]["budgets"] == [8, 16] and report["ratio"]["methods"] == ["random", "el2n"]
     assert not any(c["from_cell_cache"] for c in report["cells"])
     picked = [c for c in report["cells"] if c["method"] != "full"]
-    assert all(len(c["selected"]) == c["budget"] for c in picked)
+    assert all(c["selected"] == c["budget"] for c in picked)
+    kept = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert all(len(c["selected"]) == c["budget"] for c in kept if c["method"] != "full")
     table = (out / "results.md").read_text()
     assert "python bench/quality.py --data" in table and "| full data |" in table and "| CCS |" in table
 
@@ -114,3 +118,63 @@ def test_bench_config_is_the_cli_config(method, seed):
     assert quality.prune_config(bench_args, method, seed, 256) == build_config(cli_args, n_samples=1000)
     assert quality.prune_config(bench_args, method, seed, 256).effort == quality.prune_config(bench_args, method, 0,
                                                                                                256).effort
+
+
+def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, tmp_path, capsys):
+    """--llm-eval: the base row plus one fine-tuned adapter per method, evaluated on the same test
+    users; a rerun is served from OUT/llm-cells; the selections are the surrogate-level cells'."""
+    from tiny_llm import tiny_model_folder
+
+    quality = _quality_module()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    llm = tiny_model_folder(tmp_path / "tiny-llm")
+    argv = ["--data", str(data_dir), "--llm-eval", "--llm", str(llm), "--methods", "random,el2n", "--budgets", "12",
+            "--epochs", "2", "--llm-epochs", "2", "--llm-batch-size", "4", "--test-users", "9", "--num-beams", "2",
+            "--max-new-tokens", "3", "--threads", "1", "--out", str(out), "--cache-dir", str(cache), "--no-progress",
+            "--json"]
+
+    assert quality.main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(first) == ["base", "random", "el2n"]
+    assert all(set(row) == METRICS for row in first.values())
+    for name in ("llm.md", "llm.png", "llm.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "llm.json").read_text())
+    assert report["seeds"] == [0] and report["methods"] == ["random", "el2n"] and report["test_users"] == 9
+    cells = {c["method"]: c for c in report["cells"]}
+    assert cells["base"]["finetune"] is None
+    for method in ("random", "el2n"):
+        ft = cells[method]["finetune"]
+        assert cells[method]["selected"] == 12 and ft["train_samples"] == 12 and ft["epochs_run"] == 2
+        assert ft["steps"] == 6  # 12 samples, effective batch 4, 2 epochs
+        # The selection fine-tuned on is the surrogate-level cell's.
+        sel = json.loads(next((out / "cells").glob(f"{method}-seed0-b12-*.json")).read_text())["selected"]
+        assert len(sel) == 12
+    [pair] = report["paired"]["12"]
+    assert pair["a"] == "random" and pair["b"] == "el2n" and pair["users"] == 9
+    lo, hi = pair["recall@20"]["ci95"]
+    assert lo <= pair["recall@20"]["diff"] <= hi
+    saved = [json.loads(p.read_text()) for p in sorted((out / "llm-cells").glob("*.json"))]
+    assert len({tuple(u["user"] for u in c["users"]) for c in saved}) == 1  # the same test users in every row
+    assert len(list((cache / "bench-llm").glob("*/adapter/adapter_config.json"))) == 2
+    table = (out / "llm.md").read_text()
+    assert "--llm-eval" in table and "| Random vs EL2N | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
+
+    assert quality.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
+    assert all(c["from_cell_cache"] for c in json.loads((out / "llm.json").read_text())["cells"])
+
+
+def test_paired_bootstrap():
+    from bench.llm_level import paired_bootstrap
+
+    a = np.array([1.0, 0.0, 1.0, 0.0])
+    b = np.zeros(4)
+    res = paired_bootstrap(a, b, samples=2000)
+    assert res["diff"] == pytest.approx(0.5)
+    assert 0.0 <= res["ci95"][0] <= 0.5 <= res["ci95"][1] <= 1.0
+    assert 0.0 < res["p_not_better"] < 0.2  # only resamples drawing no hit are not better
+    same = paired_bootstrap(a, a, samples=100)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_not_better"] == 1.0
+    with pytest.raises(ValueError, match="same"):
+        paired_bootstrap(a, np.zeros(3))
