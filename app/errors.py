@@ -43,11 +43,8 @@ def invalid_dataset(exc: DataError, root: Path) -> ApiError:
     """A 400 for a dataset's structural problem found at upload (`core.data.precheck`): the file as
     the client knows it (its name in the flat upload folder `root`, never a server path), line,
     field, and a message naming them. Same code and fields as a worker's `invalid` dataset errors."""
-    file = None
-    if exc.file is not None and Path(exc.file).resolve() != root.resolve():
-        file = Path(exc.file).name
-    # The loaders' own texts hold no paths, but a library's (pyarrow's) may quote the file's path.
-    reason = exc.reason.replace(f"{root.resolve()}/", "").replace(f"{root}/", "")
+    info = exc.for_client(root)
+    file, reason = info["file"], info["message"]
     where = [x for x in (file, f"line {exc.line}" if exc.line else None,
                          f"field '{exc.field}'" if exc.field else None) if x]
     message = f"{', '.join(where)}: {reason}" if where else reason

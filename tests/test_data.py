@@ -561,3 +561,23 @@ def test_games_folder() -> None:
     limited = load_dataset(GAMES, limit_users=1000)
     assert limited.n_users == 1000 and limited.n_items == ds.n_items
     assert limited.train == ds.train[:1000]
+
+
+def test_data_error_for_client_names_files_relative_and_hides_server_paths(tmp_path):
+    root = tmp_path / "upload"
+    (root / "sub").mkdir(parents=True)
+    inside = root / "sub" / "items.parquet"
+    exc = DataError(f"Could not open Parquet input source '{inside}': bad footer", file=inside, line=3, field="title")
+    assert exc.for_client(root) == {"file": "sub/items.parquet", "line": 3, "field": "title",
+                                    "message": "Could not open Parquet input source 'sub/items.parquet': bad footer"}
+    assert DataError("x", file=tmp_path / "elsewhere.csv").for_client(root)["file"] == "elsewhere.csv"
+    assert DataError("x", file=root).for_client(root)["file"] is None
+
+    # A real unreadable Parquet file: whatever pyarrow says, the server's folder is not in it.
+    (root / "interactions.parquet").write_bytes(b"PAR1" + b"\0" * 64)
+    (root / "items.csv").write_text("item_id,title\n1,Zelda\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(root)
+    public = info.value.for_client(root)
+    assert public["file"] == "interactions.parquet"
+    assert str(tmp_path) not in json.dumps(public)

@@ -62,15 +62,9 @@ class Outcome:
 
 
 def relative_error(exc: DataError, root: Path) -> dict:
-    """The loader's error with the file named relative to the dataset: clients never see server paths."""
-    info = exc.to_dict()
-    if info.get("file"):
-        try:
-            rel = str(Path(info["file"]).resolve().relative_to(root.resolve()))
-            info["file"] = None if rel == "." else rel  # the dataset folder itself: no file to name
-        except ValueError:
-            info["file"] = Path(info["file"]).name
-    return info
+    """The loader's error with the file named relative to the dataset and no server path in the
+    message: clients never see server paths."""
+    return exc.for_client(root)
 
 
 def describe(info: dict) -> str:

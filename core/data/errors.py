@@ -25,3 +25,21 @@ class DataError(ValueError):
 
     def to_dict(self) -> dict:
         return {"file": self.file, "line": self.line, "field": self.field, "message": self.reason}
+
+    def for_client(self, root: str | Path) -> dict:
+        """`to_dict()` as a service's client may see it, for a dataset stored in folder `root`: the file
+        relative to `root` (its bare name when outside it, None for `root` itself) and `root`'s path
+        taken out of the message, which may quote a library's text (pyarrow names the full path)."""
+        info = self.to_dict()
+        root = Path(root)
+        if info["file"]:
+            try:
+                rel = str(Path(info["file"]).resolve().relative_to(root.resolve()))
+                info["file"] = None if rel == "." else rel
+            except ValueError:
+                info["file"] = Path(info["file"]).name
+        message = str(info["message"])
+        for prefix in dict.fromkeys((str(root.resolve()), str(root))):
+            message = message.replace(f"{prefix}/", "").replace(prefix, "")
+        info["message"] = message
+        return info
