@@ -18,7 +18,7 @@ where it stopped. OUT gets results.md / results.png / results.json and ratio.md 
 --json the last stdout line is {method: {metric: {"mean", "std"}}} for the first budget.
 
     python bench/quality.py --data ../shared/datasets/games --limit-users 10000 --llm-eval
-        [--methods dealrec,random] [--seeds 1] [--llm-epochs 3] [--test-users 500] [--no-base]
+        [--methods dealrec,random] [--seeds 1] [--llm-epochs 2] [--llm-lr 1e-3] [--test-users 500] [--no-base]
 
 --llm-eval is the LLM-level comparison instead (bench/llm_level.py): LoRA-fine-tune the LLM on each
 method's selection (the same cells' selections) and evaluate it BIGRec-style on one fixed subset of
