@@ -283,15 +283,19 @@ def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], labels
         metrics = [m for m in LLM_METRICS if m.startswith(kind)]
         x = np.arange(len(metrics))
         for i, method in enumerate(methods):
+            # One seed has no spread to draw: no error bars rather than misleading zero-width ones.
+            spread = [summary[method][m]["std"] for m in metrics] if summary[method][metrics[0]]["n"] > 1 else None
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, [summary[method][m]["mean"] for m in metrics], width,
-                   yerr=[summary[method][m]["std"] for m in metrics], capsize=2,
+                   yerr=spread, capsize=2,
                    label="base LLM" if method == BASE else labels[method],
                    color="0.6" if method == BASE else None, hatch="//" if method == BASE else None)
         ax.set_xticks(x, [SHORT[m] for m in metrics])
         ax.set_title(f"{'Recall' if kind == 'recall' else 'NDCG'}, LLM fine-tuned on {budget} samples")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"BIGRec evaluation, {meta['test_users']} test users")
+    seeds = len(meta["seeds"])
+    fig.suptitle(f"BIGRec evaluation, {meta['test_users']} test users, "
+                 + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (paired intervals: llm.md)"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
