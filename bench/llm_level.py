@@ -36,7 +36,6 @@ log = logging.getLogger("bench.quality")
 
 BASE = "base"  # the LLM without fine-tuning
 LLM_CELL_FORMAT = "dealrec-quality-llm-cell-v1"
-LLM_METRICS = METRICS
 BOOTSTRAP_SAMPLES = 10_000
 
 
@@ -183,7 +182,7 @@ def summarize_llm(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str]
     rows = ([(BASE, [LLMCell(BASE, 0, 0)])] if with_base else []) + \
         [(m, [LLMCell(m, s, budget) for s in seeds]) for m in methods]
     for name, cells in rows:
-        out[name] = {k: mean_std(results[c]["metrics"][k] for c in cells) for k in LLM_METRICS}
+        out[name] = {k: mean_std(results[c]["metrics"][k] for c in cells) for k in METRICS}
     return out
 
 
@@ -232,11 +231,11 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
         "base LLM (last token, last layer), all items ranked by L2 distance, seen items not excluded (as the reference)"),
         f"- seeds: {', '.join(map(str, meta['seeds']))} (selection and training seed); finished {meta['finished']}", "",
         f"## Budget {budget} samples ({100 * budget / meta['users']:.2f}% of {meta['users']})", "",
-        "| method | " + " | ".join(SHORT[m] for m in LLM_METRICS) + " |", "| --- |" + " --- |" * len(LLM_METRICS)]
+        "| method | " + " | ".join(SHORT[m] for m in METRICS) + " |", "| --- |" + " --- |" * len(METRICS)]
     for method, row in summary.items():
         name = "base LLM (no fine-tuning)" if method == BASE else labels[method]
         lines.append(f"| {name} | " + " | ".join(fmt_mean_std(row[m]) if row[m]["n"] > 1 else f"{row[m]['mean']:.4f}"
-                                                for m in LLM_METRICS) + " |")
+                                                for m in METRICS) + " |")
     if comps:
         lines += ["", ("Paired on the same test users (difference first minus second; 95% interval from "
                   f"{BOOTSTRAP_SAMPLES:,} bootstrap resamples of the users; p = share of resamples where the first "
@@ -280,7 +279,7 @@ def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], labels
     methods = list(summary)
     width = 0.8 / len(methods)
     for ax, kind in zip(axes, ("recall", "ndcg")):
-        metrics = [m for m in LLM_METRICS if m.startswith(kind)]
+        metrics = [m for m in METRICS if m.startswith(kind)]
         x = np.arange(len(metrics))
         for i, method in enumerate(methods):
             # One seed has no spread to draw: no error bars rather than misleading zero-width ones.

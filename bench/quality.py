@@ -534,29 +534,43 @@ def main(argv: list[str] | None = None) -> int:
     bar, status = _status_bar(len(cells), not args.no_progress)
     ctx = Context(ds, args, out, Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
                   resolve_device(args.device), status)
-    resumed: set[Cell] = set()
-    try:
-        results = {}
-        for cell in cells:
-            results[cell], was_cached = run_cell(cell, ctx)
-            if was_cached:
-                resumed.add(cell)
-            _log_cell(results[cell], was_cached)
-            bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        log.warning("interrupted: %d of %d cells finished are kept in %s; rerun the same command to resume",
-                    len(results), len(cells), out / "cells")
+    done = _run_cells(cells, lambda cell: run_cell(cell, ctx), lambda cell, r, cached: _log_cell(r, cached),
+                      bar, out / "cells")
+    if done is None:
         return 130
-    bar.close()
+    results, resumed = done
 
     report = write_reports(args, ds, out, ctx.device, seeds, budgets, ratio_budgets, results, resumed, time.perf_counter() - t0)
     log.info("wrote %s in %.1fs (%d cells, %d from the cell cache)", out, time.perf_counter() - t0, len(cells),
              len(resumed))
     if args.json:
-        print(json.dumps({m: {k: {"mean": v["mean"], "std": v["std"]} for k, v in row.items()}
-                          for m, row in report["summary"][str(budgets[0])].items()}))
+        _print_summary(report["summary"][str(budgets[0])])
     return 0
+
+
+def _run_cells(cells: list, run: Callable, log_one: Callable, bar, kept_in: Path) -> tuple[dict, set] | None:
+    """Run (or load) every cell in order: ({cell: result}, cells served from their cache), or None
+    after Ctrl-C (what finished is kept in `kept_in`; rerunning resumes)."""
+    results, resumed = {}, set()
+    try:
+        for cell in cells:
+            results[cell], was_cached = run(cell)
+            if was_cached:
+                resumed.add(cell)
+            log_one(cell, results[cell], was_cached)
+            bar.update(1)
+    except KeyboardInterrupt:
+        log.warning("interrupted: %d of %d cells finished are kept in %s; rerun the same command to resume",
+                    len(results), len(cells), kept_in)
+        return None
+    finally:
+        bar.close()
+    return results, resumed
+
+
+def _print_summary(summary: dict[str, dict[str, dict[str, float]]]) -> None:
+    """--json: the last stdout line, row -> metric -> {"mean", "std"}."""
+    print(json.dumps({m: {k: {"mean": v["mean"], "std": v["std"]} for k, v in row.items()} for m, row in summary.items()}))
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -578,32 +592,24 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
         cell, _ = run_cell(Cell(method, seed, budget), ctx)
         return list(cell["selected"])
 
-    results, resumed = {}, set()
-    try:
-        for cell in cells:
-            results[cell], was_cached = llm_level.run_llm_cell(cell, ctx, selection_of)
-            if was_cached:
-                resumed.add(cell)
-            r = results[cell]
-            log.info("LLM level %s%s: R@20 %.4f N@20 %.4f over %d users (fine-tune %s, generate %.0fs)",
-                     cell.label(), " [from cell cache]" if was_cached else "", r["metrics"]["recall@20"],
-                     r["metrics"]["ndcg@20"], r["metrics"]["users"],
-                     f"{r['finetune']['train_seconds']:.0f}s" if r["finetune"] else "-",
-                     r["eval_seconds"].get("generate", 0.0))
-            bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        log.warning("interrupted: %d of %d LLM cells finished are kept in %s; rerun the same command to resume",
-                    len(results), len(cells), out / "llm-cells")
+    def log_one(cell, r: dict, was_cached: bool) -> None:
+        log.info("LLM level %s%s: R@20 %.4f N@20 %.4f over %d users (fine-tune %s, generate %.0fs)",
+                 cell.label(), " [from cell cache]" if was_cached else "", r["metrics"]["recall@20"],
+                 r["metrics"]["ndcg@20"], r["metrics"]["users"],
+                 f"{r['finetune']['train_seconds']:.0f}s" if r["finetune"] else "-",
+                 r["eval_seconds"].get("generate", 0.0))
+
+    done = _run_cells(cells, lambda cell: llm_level.run_llm_cell(cell, ctx, selection_of), log_one, bar,
+                      out / "llm-cells")
+    if done is None:
         return 130
-    bar.close()
+    results, resumed = done
     report = llm_level.write_llm_reports(args, ds, out, ctx.device, seeds, budgets, args.methods, results, resumed,
                                          time.perf_counter() - t0, LABELS)
     log.info("wrote %s in %.1fs (%d LLM cells, %d from the cell cache)", out / "llm.md", time.perf_counter() - t0,
              len(cells), len(resumed))
     if args.json:
-        print(json.dumps({m: {k: {"mean": v["mean"], "std": v["std"]} for k, v in row.items()}
-                          for m, row in report["summary"][str(budgets[0])].items()}))
+        _print_summary(report["summary"][str(budgets[0])])
     return 0
 
 
