@@ -99,8 +99,13 @@ def test_runs_are_reproducible_and_seeded(data):
 
 
 def test_early_stopping_restores_the_best_epoch(data):
-    tok, _, train, valid = data
-    cfg = FinetuneConfig(epochs=12, patience=2, **{**FAST, "lr": 0.5})  # too high: the loss stalls
+    tok, _, train, _ = data
+    # Training teaches one word after every sample; validation scores another word in that place, so
+    # its loss rises once training takes hold (a construction that does not hinge on the optimizer).
+    eos, taught, other = tok.eos_token_id, tok.convert_tokens_to_ids("kirby"), tok.convert_tokens_to_ids("halo")
+    valid = [EncodedSample(s.ids[:-1] + (other, eos), len(s.ids) - 1) for s in train]
+    train = [EncodedSample(s.ids[:-1] + (taught, eos)) for s in train]
+    cfg = FinetuneConfig(epochs=12, patience=2, **{**FAST, "lr": 2e-2})
     model = fresh(tok, cfg)
     result = train_lora(model, train, valid, cfg, pad_id=tok.eos_token_id)
     losses = [h["valid_loss"] for h in result.history]
