@@ -17,10 +17,11 @@ from core.evaluate.bigrec import (
     EvaluationCancelled,
     embed_texts,
     evaluate_llm,
-    generate_texts,
     rank_by_distance,
     select_test_users,
 )
+from core.evaluate.generate import GenerationResult
+from core.evaluate.generate import generate_plain as generate_texts
 from core.surrogate.metrics import recall_ndcg_at_k
 
 
@@ -117,10 +118,11 @@ def test_evaluate_with_perfect_generation_scores_one(tiny, monkeypatch):
     """When the LLM writes exactly the test item's title, grounding puts it first: Recall@K = NDCG@K = 1."""
     tok, model, ds = tiny
 
-    def perfect(model, tokenizer, prompts, **kw):
-        return [ds.item_titles[ds.test[u][0] - 1] for u in select_test_users(ds)]
+    def perfect(model, tokenizer, prompts, answers=None, **kw):
+        texts = [ds.item_titles[ds.test[u][0] - 1] for u in select_test_users(ds)]
+        return GenerationResult(texts, [0.0] * len(texts), [1] * len(texts), len(texts), 1.0)
 
-    monkeypatch.setattr(bigrec, "generate_texts", perfect)
+    monkeypatch.setattr(bigrec, "generate_batched", perfect)
     res = evaluate_llm(model, tok, ds, LLMEvalConfig())
     m = res["metrics"]
     assert m["users"] == len(select_test_users(ds))
@@ -145,8 +147,10 @@ def test_evaluate_end_to_end_and_cancel(tiny):
             assert p["top10"][p["target_rank"]] in p["targets"]
     # Each user's own metrics average to the reported ones (paired comparisons rely on that).
     for key, value in res["metrics"].items():
-        if key != "users":
+        if key not in ("users", "nll"):
             assert np.mean([p["metrics"][key] for p in res["predictions"]]) == pytest.approx(value)
+    assert np.mean([p["nll"] for p in res["predictions"]]) == pytest.approx(res["metrics"]["nll"])
+    assert all(p["nll"] > 0 and p["answer_tokens"] > 1 for p in res["predictions"])
     with pytest.raises(EvaluationCancelled):
         evaluate_llm(model, tok, ds, cfg, cancel=lambda: True)
 

@@ -31,7 +31,8 @@ import torch
 
 from core.config import LLMEvalConfig
 from core.data.dataset import RecDataset
-from core.effort.prompts import PromptTemplate, clean_title, tokenize_samples
+from core.effort.prompts import PromptTemplate, TokenizedSample, clean_title, format_prompt, make_record, tokenize_samples
+from core.evaluate.generate import generate_batched, mean_nll
 from core.surrogate.metrics import recall_ndcg_at_k
 from core.surrogate.train import Cancelled
 
@@ -68,11 +69,6 @@ def select_test_users(ds: RecDataset, n: int | None = None, seed: int = 0) -> li
         rng = np.random.default_rng(seed)
         users = sorted(int(users[i]) for i in rng.choice(len(users), size=n, replace=False))
     return users
-
-
-def clean_generated(text: str) -> str:
-    """The generated title as the reference grounds it: surrounding double quotes stripped."""
-    return text.strip('"')
 
 
 def rank_by_distance(queries: torch.Tensor, items: torch.Tensor, k: int,
@@ -140,42 +136,6 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
     return hidden
 
 
-@torch.no_grad()
-def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, num_beams: int = 4,
-                   max_new_tokens: int = 128, batch_size: int = 4, device: torch.device | str = "cpu",
-                   autocast: Callable = nullcontext, progress: Callable[[float, str], None] | None = None,
-                   cancel: CancelFn | None = None) -> list[str]:
-    """Beam-search continuation of each tokenised prompt (left-padded batches of similar length),
-    decoded without special tokens and stripped of surrounding double quotes."""
-    from transformers import GenerationConfig
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen = GenerationConfig(num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
-                           do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    out: list[str] = [""] * len(prompts)
-    t0 = time.perf_counter()
-    for start in range(0, len(order), batch_size):
-        _check(cancel)
-        part = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in part)
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for r, i in enumerate(part):
-            n = len(prompts[i])
-            ids[r, width - n:] = torch.tensor(list(prompts[i]))
-            mask[r, width - n:] = 1
-        with autocast():
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
-        texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
-        for i, text in zip(part, texts):
-            out[i] = clean_generated(text)
-        if progress is not None:
-            done = start + len(part)
-            progress(done / len(order), f"{done}/{len(order)} users, {(time.perf_counter() - t0) / done:.1f} s/user")
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 
@@ -191,6 +151,27 @@ def _base_only(model, enabled: bool):
     if enabled and hasattr(model, "disable_adapter"):
         return model.disable_adapter()
     return nullcontext()
+
+
+def answer_tokens(ds: RecDataset, samples: Sequence[TokenizedSample], tokenizer,
+                  template: PromptTemplate | None = None) -> list[tuple[int, ...]]:
+    """Per test sample, the tokens a fine-tuned model should write after the prompt: the first test
+    item's (cleaned) title and EOS, tokenised together with the prompt as the training records are
+    (so a merge across the boundary is what training saw); a tokenizer that merges across the
+    boundary differently falls back to the title tokenised alone."""
+    template = template or PromptTemplate()
+    eos = tokenizer.eos_token_id
+    out = []
+    for s in samples:
+        rec = make_record(ds, s.user, template, s.kept, split="test")
+        title = clean_title(ds.item_titles[ds.test[s.user][0] - 1])
+        full = list(tokenizer(format_prompt(rec.instruction, rec.input, title))["input_ids"])
+        if full[:len(s.ids)] == list(s.ids) and len(full) > len(s.ids):
+            answer = full[len(s.ids):]
+        else:
+            answer = list(tokenizer(title, add_special_tokens=False)["input_ids"])
+        out.append(tuple(answer + [eos]))
+    return out
 
 
 def item_embeddings(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, device: torch.device | str = "cpu",
@@ -209,9 +190,11 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     `ds` (`cfg.test_users` of them, seeded, or all with a test item).
 
     `items`: precomputed `item_embeddings` (else computed here). Returns {"metrics": {"recall@K",
-    "ndcg@K", ..., "users"}, "predictions": [{"user", "user_id", "generated", "targets", "target_rank",
-    "top10", "metrics"}], "seconds": {...}}; item ids are 1-based, `target_rank` is the 0-based rank of
-    the best-placed test item among the first max(ks) (None beyond), "metrics" the user's own."""
+    "ndcg@K", ..., "users", "nll"}, "predictions": [{"user", "user_id", "generated", "targets",
+    "target_rank", "top10", "metrics", "nll", "answer_tokens"}], "seconds": {...}, "generation":
+    {...}}; item ids are 1-based, `target_rank` is the 0-based rank of the best-placed test item among
+    the first max(ks) (None beyond), "metrics" the user's own; "nll" (with `cfg.nll`) the mean negative
+    log-likelihood per token of the true test title and EOS after the prompt, teacher forced."""
     template = template or PromptTemplate()
     dev = torch.device(device)
     times: dict[str, float] = {}
@@ -224,11 +207,16 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
         raise ValueError(f"item embeddings have {items.shape[0]} rows for {ds.n_items} items")
 
     t = time.perf_counter()
-    prompts = [s.ids for s in tokenize_samples(ds, users, tokenizer, cfg.cutoff_len, template, split="test")]
+    samples = tokenize_samples(ds, users, tokenizer, cfg.cutoff_len, template, split="test")
+    prompts = [s.ids for s in samples]
+    answers = answer_tokens(ds, samples, tokenizer, template) if cfg.nll else None
     _report(progress, "generate", 0.0, f"{len(users)} users")
-    generated = generate_texts(model, tokenizer, prompts, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                               batch_size=cfg.batch_size, device=dev, autocast=_autocast(cfg.precision, dev),
-                               progress=lambda f, m: _report(progress, "generate", f, m), cancel=cancel)
+    gen = generate_batched(model, tokenizer, prompts, answers, num_beams=cfg.num_beams,
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=dev,
+                           autocast=_autocast(cfg.precision, dev), share_prefix=cfg.share_prefix,
+                           progress=lambda f, m: _report(progress, "generate", f, m),
+                           cancel=lambda: _check(cancel) or False)
+    generated = gen.texts
     times["generate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -246,6 +234,9 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
         {f"{m}@{k}": 0.0 for k in cfg.ks for m in ("recall", "ndcg")}
     metrics = {key: metrics[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")}
     metrics["users"] = len(users)
+    if cfg.nll:
+        # Mean over users of each user's mean NLL per answer token (title + EOS), teacher forced.
+        metrics["nll"] = mean_nll(gen.nll)
     times["ground"] = time.perf_counter() - t
 
     predictions = []
@@ -257,9 +248,12 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
         predictions.append({"user": u, "user_id": ds.user_ids[u], "generated": generated[r],
                             "targets": list(ds.test[u]), "target_rank": hits[0] if hits else None,
                             "top10": [int(i) for i in ranked[r, :10]],
-                            "metrics": {key: own[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")}})
+                            "metrics": {key: own[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")},
+                            **({"nll": gen.nll[r], "answer_tokens": gen.answer_tokens[r]} if cfg.nll else {})})
     _report(progress, "ground", 1.0, "done")
-    return {"metrics": metrics, "predictions": predictions, "seconds": times}
+    return {"metrics": metrics, "predictions": predictions, "seconds": times,
+            "generation": {"new_tokens": gen.new_tokens, "seconds": gen.seconds,
+                           "tokens_per_second": gen.new_tokens / gen.seconds if gen.seconds else 0.0}}
 
 
 def titles_digest(ds: RecDataset) -> str:
