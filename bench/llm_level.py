@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.common import METRICS, SHORT, command_line, fmt_mean_std, mean_std, pyplot
 from core.cache import atomic_write_bytes, cache_key
-from core.config import FinetuneConfig, LLMEvalConfig
+from core.config import FinetuneConfig, LLMEvalConfig, key_dump
 from core.data.dataset import RecDataset
 
 log = logging.getLogger("bench.quality")
@@ -85,11 +85,11 @@ class LLMCell:
     budget: int  # 0 for BASE
 
     def key(self, ds: RecDataset, args: argparse.Namespace, selected: Sequence[int] | None) -> str:
-        ev = eval_config(args, None).model_dump(mode="json")
+        ev = key_dump(eval_config(args, None), mode="json")
         parts: dict[str, Any] = {"data": ds.fingerprint, "method": self.method, "budget": self.budget, "eval": ev}
         if self.method != BASE:
             parts["selection"] = hashlib.sha256(json.dumps(sorted(selected or [])).encode()).hexdigest()[:20]
-            parts["finetune"] = finetune_config(args, self.seed).model_dump(mode="json")
+            parts["finetune"] = key_dump(finetune_config(args, self.seed), mode="json")
         return cache_key("quality-llm-cell", **parts).rsplit("-", 1)[1]
 
     def label(self) -> str:

@@ -50,7 +50,7 @@ from bench.common import METRICS, SHORT, command_line, mean_std
 from bench.common import fmt_mean_std as _fmt
 from bench.common import pyplot as _pyplot
 from core.cache import atomic_write_bytes, cache_key, default_cache_dir
-from core.config import PruneConfig
+from core.config import PruneConfig, key_dump
 from core.data.dataset import RecDataset
 
 log = logging.getLogger("bench.quality")
@@ -173,8 +173,8 @@ class Cell:
     def path(self, out: Path, ds: RecDataset, args: argparse.Namespace) -> Path:
         cfg = self.cfg(args)
         # Everything the result depends on; FULL depends on the surrogate config and seed only.
-        parts = {"surrogate": cfg.surrogate.model_dump(), "seed": self.seed} if self.method == FULL \
-            else {"cfg": cfg.model_dump(mode="json")}
+        parts = {"surrogate": key_dump(cfg.surrogate), "seed": self.seed} if self.method == FULL \
+            else {"cfg": key_dump(cfg, mode="json")}
         key = cache_key("quality-cell", data=ds.fingerprint, method=self.method, budget=self.budget, **parts)
         return out / "cells" / f"{self.method}-seed{self.seed}-b{self.budget}-{key.rsplit('-', 1)[1]}.json"
 

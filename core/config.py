@@ -5,13 +5,39 @@ Defaults follow Lin et al., SIGIR 2024 and the authors' reference runs on Games 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields added after results were keyed by this model's dump (cache entries, bench cells): while
+    # such a field holds its default, `key_dump` leaves it out, so those keys stay what they were.
+    added_later: ClassVar[frozenset[str]] = frozenset()
+
+
+def key_dump(model: BaseModel, **dump_kwargs: Any) -> dict[str, Any]:
+    """`model.model_dump(**dump_kwargs)` for cache and cell keys: every `added_later` field that holds
+    its default is left out (in nested configs too), so a new option whose default is the old
+    behaviour does not invalidate what was computed before it existed."""
+    data = model.model_dump(**dump_kwargs)
+    _drop_added_defaults(model, data, bool(dump_kwargs.get("by_alias")))
+    return data
+
+
+def _drop_added_defaults(model: BaseModel, data: dict[str, Any], by_alias: bool) -> None:
+    added = getattr(type(model), "added_later", frozenset())
+    for name, field in type(model).model_fields.items():
+        key = field.alias if by_alias and field.alias else name
+        if key not in data:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and isinstance(data[key], dict):
+            _drop_added_defaults(value, data[key], by_alias)
+        elif name in added and value == field.default:
+            del data[key]
 
 
 class SurrogateConfig(_Strict):
@@ -75,6 +101,16 @@ class EffortConfig(_Strict):
     # CPU only: worker processes for the effort stage (0 = one per core when there are enough samples).
     processes: int = Field(0, ge=0, le=64)
     seed: int = 0
+    # What the gradient is taken of: "prompt" = the causal-LM loss over the whole prompt, token-averaged
+    # (the reference); "response" = the loss over the answer tokens only (the target title and EOS),
+    # which is what fine-tuning teaches the LLM to write.
+    loss: Literal["prompt", "response"] = "prompt"
+    # A pool-level step after the per-sample scores (so not part of their cache key): "residual"
+    # replaces log(effort) by its residual after a least-squares fit on log(prompt tokens) over the
+    # pool, a length-neutral difficulty (the prompt-loss effort falls with prompt length).
+    length_correction: Literal["none", "residual"] = "none"
+
+    added_later: ClassVar[frozenset[str]] = frozenset({"loss", "length_correction"})
 
 
 class SelectionConfig(_Strict):
@@ -86,6 +122,13 @@ class SelectionConfig(_Strict):
     strata: int = Field(50, ge=1)
     hard_prune: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
+    # How each score is brought to [0, 1] before they are combined: "minmax" (the paper's), "rank"
+    # (rank / (N - 1): only the order counts) or "robust" (min-max after clipping to the 1st-99th
+    # percentile, so a few outliers cannot squeeze everyone else into a narrow band). The combined
+    # score is not normalised again: the strata are equal-width over its range.
+    normalize: Literal["minmax", "rank", "robust"] = "minmax"
+
+    added_later: ClassVar[frozenset[str]] = frozenset({"normalize"})
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -126,6 +169,10 @@ class FinetuneConfig(_Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    # > 0: micro-batches are filled by tokens instead of a fixed count: length-sorted samples are
+    # grouped while (samples x longest) stays within this many tokens, so padding wastes almost
+    # nothing (the loss is the token mean over the effective batch either way).
+    micro_batch_tokens: int = Field(0, ge=0)
     cutoff_len: int = Field(512, ge=16)
     train_on_inputs: bool = True  # loss on the whole prompt (reference); False = only the response
     # Validation loss every `eval_every` epochs; stop after `patience` evaluations without a lower one,
@@ -136,6 +183,8 @@ class FinetuneConfig(_Strict):
     # "auto": bf16 autocast on CUDA (the reference trains in fp16), exact fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+
+    added_later: ClassVar[frozenset[str]] = frozenset({"micro_batch_tokens"})
 
     @model_validator(mode="after")
     def _micro_fits_batch(self) -> "FinetuneConfig":
@@ -167,3 +216,10 @@ class LLMEvalConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "auto": generation under bf16 autocast on CUDA, fp32 on CPU; embeddings are always fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Also score each test user's true answer (title and EOS) by its mean negative log-likelihood,
+    # teacher forced, in the same prompt pass as generation (a cheap signal beside Recall/NDCG).
+    nll: bool = True
+    # Run the prompt prefix shared by every test user once (exact; a speed setting).
+    share_prefix: bool = True
+
+    added_later: ClassVar[frozenset[str]] = frozenset({"nll", "share_prefix"})

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from core.cache import cache_key, default_cache_dir, load_arrays, save_arrays
-from core.config import EffortConfig, PruneConfig
+from core.config import EffortConfig, PruneConfig, key_dump
 from core.data.dataset import RecDataset
 from core.effort.prompts import PromptTemplate
 from core.selection import SelectionResult, required_scores, select
@@ -52,6 +52,7 @@ class PruneResult:
     stages: dict[str, StageRecord] = field(default_factory=dict)
     surrogate_report: dict | None = None
     effort_info: dict = field(default_factory=dict)
+    diagnostics: dict | None = None
 
 
 def peak_rss_mb() -> float:
@@ -111,11 +112,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def surrogate_key(ds: RecDataset, cfg: PruneConfig) -> str:
-    return cache_key("surrogate", data=ds.fingerprint, cfg=cfg.surrogate.model_dump(), seed=cfg.seed)
+    return cache_key("surrogate", data=ds.fingerprint, cfg=key_dump(cfg.surrogate), seed=cfg.seed)
 
 
 def influence_key(ds: RecDataset, cfg: PruneConfig) -> str:
-    return cache_key("influence", surrogate=surrogate_key(ds, cfg), cfg=cfg.influence.model_dump(), seed=cfg.seed)
+    return cache_key("influence", surrogate=surrogate_key(ds, cfg), cfg=key_dump(cfg.influence), seed=cfg.seed)
 
 
 def effort_precision(cfg: EffortConfig, device: torch.device) -> str:
@@ -125,17 +126,20 @@ def effort_precision(cfg: EffortConfig, device: torch.device) -> str:
 
 
 def effort_key(ds: RecDataset, cfg: EffortConfig, llm_key: str, precision: str, template: PromptTemplate) -> str:
-    # Batch size, device and prefix caching do not change the scores (beyond float rounding): not in the key.
-    relevant = cfg.model_dump(exclude={"device", "max_batch_tokens", "cache_prefix", "precision", "llm", "gguf_file",
-                                       "processes"})
+    # Batch size, device and prefix caching do not change the scores (beyond float rounding), and the
+    # length correction is applied to the cached raw scores afterwards: not in the key.
+    relevant = key_dump(cfg, exclude={"device", "max_batch_tokens", "cache_prefix", "precision", "llm", "gguf_file",
+                                      "processes", "length_correction"})
     return cache_key("effort", data=ds.fingerprint, cfg=relevant, llm=llm_key, precision=precision,
                      template=template.model_dump())
 
 
 def run_prune(ds: RecDataset, cfg: PruneConfig, *, device: str = "auto", cache_dir: Path | None = None,
               template: PromptTemplate | None = None, progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None, use_cache: bool = True) -> PruneResult:
-    """Score and select. `ds` is already loaded (and limited). Returns the selection and all scores."""
+              cancel: CancelFn | None = None, use_cache: bool = True, with_diagnostics: bool = True) -> PruneResult:
+    """Score and select. `ds` is already loaded (and limited). Returns the selection, all scores
+    (the effort as the selection used it, its raw norms as `effort_raw` when corrected, and each
+    sample's `prompt_tokens`) and, `with_diagnostics`, the selection's diagnostics."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     template = template or PromptTemplate()
     dev = resolve_device(device)
@@ -158,13 +162,20 @@ def run_prune(ds: RecDataset, cfg: PruneConfig, *, device: str = "auto", cache_d
         stages["influence"] = StageRecord(skipped=True)
     effort_info: dict = {}
     if "effort" in needed:
-        scores["effort"], effort_info, _ = effort_stage(ds, cfg.effort, dev, cache_dir, template, stages,
-                                                        stage_progress("effort"), cancel, use_cache)
+        scores["effort"], effort_info, _, scores["prompt_tokens"] = effort_stage(
+            ds, cfg.effort, dev, cache_dir, template, stages, stage_progress("effort"), cancel, use_cache)
     else:
         stages["effort"] = StageRecord(skipped=True)
 
     result = selection_stage(ds, cfg, scores, stages, stage_progress("selection"))
-    return PruneResult(ds, cfg, result, scores, stages, report, effort_info)
+    diagnostics = None
+    if with_diagnostics:
+        from core.diagnostics import selection_diagnostics
+
+        if "prompt_tokens" not in scores:
+            scores["prompt_tokens"] = prompt_token_counts(ds, cfg.effort, cache_dir, template)
+        diagnostics = selection_diagnostics(ds, result, scores, scores["prompt_tokens"])
+    return PruneResult(ds, cfg, result, scores, stages, report, effort_info, diagnostics)
 
 
 # Each stage below writes its artifact to the cache (atomically) and returns its path with the result,
@@ -172,10 +183,25 @@ def run_prune(ds: RecDataset, cfg: PruneConfig, *, device: str = "auto", cache_d
 # artifact of one stage to the next by path, whatever device or precision produced it.
 
 
+def apply_effort_correction(scores: dict[str, np.ndarray], cfg: EffortConfig) -> None:
+    """In place: with a length correction configured, `effort` becomes the corrected score the
+    selection uses and `effort_raw` keeps the norms (applied to `effort_raw` when present, so calling
+    this twice changes nothing)."""
+    from core.effort.length import correct_effort
+
+    if "effort" not in scores or cfg.length_correction == "none":
+        return
+    raw = scores.setdefault("effort_raw", scores["effort"])
+    scores["effort"] = correct_effort(raw, scores.get("prompt_tokens"), cfg.length_correction)
+
+
 def selection_stage(ds: RecDataset, cfg: PruneConfig, scores: dict[str, np.ndarray], stages: dict[str, StageRecord],
                     progress=None) -> SelectionResult:
+    """Select from the scores (`scores` gets the corrected effort, see `apply_effort_correction`)."""
+    apply_effort_correction(scores, cfg.effort)
     with StageTimer(stages, "selection"):
-        result = select(cfg.selection.method, scores, cfg.selection, n_samples=ds.n_users)
+        result = select(cfg.selection.method, {k: v for k, v in scores.items() if k in required_scores(
+            cfg.selection.method)}, cfg.selection, n_samples=ds.n_users)
     if progress:
         progress(1.0, f"selected {len(result.selected)} of {ds.n_users}")
     for note in result.notes:
@@ -238,7 +264,7 @@ def effort_settings(cfg: EffortConfig, dev: torch.device, precision: str):
 
     # CPU: small batches (the logits dominate memory and batching barely pays); GPU: large ones.
     max_tokens = cfg.max_batch_tokens or (16384 if dev.type == "cuda" else 256)
-    return EffortSettings(cache_prefix=cfg.cache_prefix, max_batch_tokens=max_tokens, precision=precision,
+    return EffortSettings(cache_prefix=cfg.cache_prefix, max_batch_tokens=max_tokens, precision=precision, loss=cfg.loss,
                           logits_chunk=8192 if dev.type == "cuda" else 256)
 
 
@@ -258,8 +284,10 @@ def cpu_processes(cfg: EffortConfig, dev: torch.device, n_samples: int) -> tuple
 
 
 def effort_stage(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progress=None, cancel=None,
-                 use_cache=True) -> tuple[np.ndarray, dict, Path]:
-    """(effort per sample, how it was computed, path of its .npz)."""
+                 use_cache=True) -> tuple[np.ndarray, dict, Path, np.ndarray]:
+    """(raw effort per sample, how it was computed, path of its .npz, prompt tokens per sample).
+    The .npz holds `effort` and `prompt_tokens` (an entry from before the tokens were kept gets them
+    added)."""
     from core.effort.llm import attach_lora, ensure_llm_cached, load_base_model, load_tokenizer, resolve_llm
     from core.effort.parallel import score_in_processes
     from core.effort.prompts import tokenize_samples
@@ -269,14 +297,19 @@ def effort_stage(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progre
         source = resolve_llm(cfg.llm, cfg.gguf_file)
         precision = effort_precision(cfg, dev)
         path = cache_dir / effort_key(ds, cfg, source.key(), precision, template) / "effort.npz"
-        info = {"llm": str(source.folder / (source.gguf_file or "")), "precision": precision, "device": dev.type}
+        info = {"llm": str(source.folder / (source.gguf_file or "")), "precision": precision, "device": dev.type,
+                "loss": cfg.loss}
         cached = load_arrays(path) if use_cache else None
         if cached is not None and "effort" in cached and len(cached["effort"]) == ds.n_users:
             rec.cached = True
             log.info("effort: reusing cached scores %s", path.parent.name)
+            tokens = cached.get("prompt_tokens")
+            if tokens is None or len(tokens) != ds.n_users:
+                tokens = prompt_token_counts(ds, cfg, cache_dir, template)
+                save_arrays(path, effort=cached["effort"], prompt_tokens=tokens)
             if progress:
                 progress(1.0, "reused cached effort scores")
-            return cached["effort"], {**info, "cached": True}, path
+            return cached["effort"], {**info, "cached": True}, path, tokens
         if progress:
             progress(0.0, "loading the LLM")
         settings = effort_settings(cfg, dev, precision)
@@ -295,12 +328,25 @@ def effort_stage(ds, cfg: EffortConfig, dev, cache_dir, template, stages, progre
             samples = tokenize_samples(ds, list(range(ds.n_users)), tokenizer, cfg.cutoff_len, template)
             scorer = EffortScorer(model, target, settings, dev, tokenizer.eos_token_id)
             effort = scorer.score(samples, progress=progress, cancel=cancel)
+        tokens = np.array([len(s.ids) for s in samples], dtype=np.int64)
         per_sample = (time.perf_counter() - t0) / max(ds.n_users, 1)
-        info.update(seconds_per_sample=per_sample, mean_tokens=float(np.mean([len(s.ids) for s in samples])),
+        info.update(seconds_per_sample=per_sample, mean_tokens=float(tokens.mean()) if tokens.size else 0.0,
                     processes=processes)
         if use_cache:
-            save_arrays(path, effort=effort)
-        return effort, info, path
+            save_arrays(path, effort=effort, prompt_tokens=tokens)
+        return effort, info, path, tokens
+
+
+def prompt_token_counts(ds: RecDataset, cfg: EffortConfig, cache_dir: Path | None = None,
+                        template: PromptTemplate | None = None) -> np.ndarray:
+    """Each sample's prompt length in tokens of the configured LLM, cut to `cutoff_len` as the effort
+    stage and `bigrec_train.jsonl` cut it (only the tokenizer is loaded)."""
+    from core.effort.llm import load_tokenizer, resolve_llm
+    from core.effort.prompts import tokenize_samples
+
+    tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file), Path(cache_dir) if cache_dir else default_cache_dir())
+    samples = tokenize_samples(ds, list(range(ds.n_users)), tokenizer, cfg.cutoff_len, template or PromptTemplate())
+    return np.array([len(s.ids) for s in samples], dtype=np.int64)
 
 
 def bigrec_records(ds: RecDataset, users, cfg: EffortConfig, cache_dir: Path | None = None,
