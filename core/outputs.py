@@ -1,4 +1,5 @@
-"""The files a pruning run writes: selection.json / .csv, scores.csv, bigrec_train.jsonl.
+"""The files a pruning run writes: selection.json / .csv, scores.csv, bigrec_train.jsonl and
+diagnostics.json.
 
 Every file is written to a temporary name and renamed, so a reader never sees half a file."""
 
@@ -16,6 +17,9 @@ from core.cache import atomic_write_bytes
 from core.effort.prompts import SampleRecord
 
 SCORE_COLUMNS = ("index", "user_id", "influence", "effort", "overall", "stratum", "selected")
+# After the original columns, so that readers of the first seven are unaffected: the raw effort norm
+# (where a length correction made `effort` something else) and the prompt's length in tokens.
+EXTRA_COLUMNS = ("effort_raw", "prompt_tokens")
 
 
 def selection_document(result, limit_users: int | None = None) -> dict:
@@ -43,12 +47,14 @@ def scores_csv(result) -> bytes:
     chosen[np.asarray(sel.selected, dtype=np.int64)] = True
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(SCORE_COLUMNS)
+    w.writerow(SCORE_COLUMNS + EXTRA_COLUMNS)
     infl, eff = scores.get("influence"), scores.get("effort")
+    raw, tokens = scores.get("effort_raw", eff), scores.get("prompt_tokens")
     for u in range(ds.n_users):
         w.writerow([u, ds.user_ids[u], _fmt(infl[u]) if infl is not None else "",
                     _fmt(eff[u]) if eff is not None else "", _fmt(sel.overall[u]),
-                    int(sel.stratum[u]), int(chosen[u])])
+                    int(sel.stratum[u]), int(chosen[u]), _fmt(raw[u]) if raw is not None else "",
+                    int(tokens[u]) if tokens is not None else ""])
     return buf.getvalue().encode()
 
 
@@ -66,7 +72,7 @@ def bigrec_jsonl(records: Sequence[SampleRecord]) -> bytes:
 
 
 def write_outputs(result, out_dir: Path, records: Sequence[SampleRecord], limit_users: int | None = None) -> dict:
-    """Write the four files; returns {name: path}."""
+    """Write the four files (and diagnostics.json when the result has diagnostics); returns {name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -75,6 +81,8 @@ def write_outputs(result, out_dir: Path, records: Sequence[SampleRecord], limit_
         "scores.csv": scores_csv(result),
         "bigrec_train.jsonl": bigrec_jsonl(records),
     }
+    if getattr(result, "diagnostics", None) is not None:
+        files["diagnostics.json"] = json.dumps(result.diagnostics, indent=1).encode() + b"\n"
     for name, data in files.items():
         atomic_write_bytes(out_dir / name, data)
     return {name: out_dir / name for name in files}

@@ -96,10 +96,41 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return (arr - lo) / span
 
 
-def overall_score(influence: np.ndarray, effort: np.ndarray, lam: float) -> np.ndarray:
-    """DEALRec's overall score: minmax(influence) + lam * minmax(effort)."""
-    inf_n = minmax(influence)
-    eff_n = minmax(effort)
+def rank_normalize(x: np.ndarray) -> np.ndarray:
+    """rank / (N - 1) in [0, 1], ties sharing their average rank: only the order of the scores counts."""
+    from scipy.stats import rankdata
+
+    arr = _as_finite_1d(x, "scores")
+    if arr.size < 2 or np.ptp(arr) == 0:  # a constant score says nothing: zeros, as min-max gives
+        return np.zeros_like(arr)
+    return (rankdata(arr, method="average") - 1.0) / (arr.size - 1)
+
+
+def robust_normalize(x: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+    """Min-max after clipping to the [lower, upper] percentiles, so that a few extreme values do not
+    squeeze every other sample into a narrow band of [0, 1]; the clipped tails sit at 0 and 1."""
+    arr = _as_finite_1d(x, "scores")
+    if arr.size == 0:
+        return arr.copy()
+    lo, hi = np.percentile(arr, [lower, upper])
+    return minmax(np.clip(arr, lo, hi))
+
+
+NORMALIZERS = {"minmax": minmax, "rank": rank_normalize, "robust": robust_normalize}
+
+
+def normalize(x: np.ndarray, how: str = "minmax") -> np.ndarray:
+    """One score brought to [0, 1] before scores are combined (`SelectionConfig.normalize`)."""
+    try:
+        return NORMALIZERS[how](x)
+    except KeyError:
+        raise ValueError(f"unknown normalisation {how!r}; expected one of {', '.join(NORMALIZERS)}") from None
+
+
+def overall_score(influence: np.ndarray, effort: np.ndarray, lam: float, how: str = "minmax") -> np.ndarray:
+    """DEALRec's overall score: norm(influence) + lam * norm(effort), norm = min-max in the paper."""
+    inf_n = normalize(influence, how)
+    eff_n = normalize(effort, how)
     if inf_n.shape != eff_n.shape:
         raise ValueError(f"influence and effort differ in length: {inf_n.shape[0]} vs {eff_n.shape[0]}")
     return inf_n + lam * eff_n
@@ -238,17 +269,17 @@ def _check_scores(
     return arrays, n
 
 
-def _method_score(method: str, arrays: dict[str, np.ndarray], lam: float) -> np.ndarray:
+def _method_score(method: str, arrays: dict[str, np.ndarray], lam: float, how: str = "minmax") -> np.ndarray:
     if method in ("dealrec", "greedy"):
-        return overall_score(arrays["influence"], arrays["effort"], lam)
+        return overall_score(arrays["influence"], arrays["effort"], lam, how)
     if method == "influence":
-        return minmax(arrays["influence"])  # lambda = 0: effort plays no part
+        return normalize(arrays["influence"], how)  # lambda = 0: effort plays no part
     if method == "effort":
-        return minmax(arrays["effort"])
+        return normalize(arrays["effort"], how)
     if method == "ccs":
-        # EL2N as the difficulty score; normalised only so stratum edges live on the same [0, 1] scale
-        # as the other stratified methods (equal-width binning is unaffected by an affine map).
-        return minmax(arrays["el2n"])
+        # EL2N as the difficulty score; normalised so stratum edges live on the same [0, 1] scale as the
+        # other stratified methods (min-max: equal-width binning is unaffected by an affine map).
+        return normalize(arrays["el2n"], how)
     return arrays[method].copy()  # grand, el2n: the raw score, ranked as is
 
 
@@ -285,13 +316,13 @@ def select(
         if budget > n:
             notes.append(f"budget {budget} exceeds the {n} samples: returning all of them")
     elif method in _TOP_K:
-        overall = _method_score(method, arrays, cfg.lam)
+        overall = _method_score(method, arrays, cfg.lam, cfg.normalize)
         selected = _descending_order(overall)[:budget]
         if budget > n:
             notes.append(f"budget {budget} exceeds the {n} samples: returning all of them")
     else:
         assert method in _STRATIFIED
-        overall = _method_score(method, arrays, cfg.lam)
+        overall = _method_score(method, arrays, cfg.lam, cfg.normalize)
         kept = hard_prune(overall, cfg.hard_prune)
         pruned[:] = True
         pruned[kept] = False

@@ -142,3 +142,42 @@ def test_start_from_a_given_adapter(tmp_path):
     assert torch.equal(find_target(loaded).lora_B.weight, find_target(trained).lora_B.weight)
     assert torch.equal(find_target(loaded).lora_A.weight, find_target(trained).lora_A.weight)
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_response_loss_effort_equals_the_reference_on_the_answer_tokens(setup):
+    """loss="response": the norm of the gradient of the mean loss over the response tokens (the target
+    title and EOS) alone, as a full backward with the prompt's labels masked computes it."""
+    tok, model, ds, samples, prompt_ref = setup
+    target = find_target(model)
+    ref = np.array([effort_reference(model, target, s, torch.device("cpu"), loss="response") for s in samples])
+    for s in samples:
+        rec = make_record(ds, s.user, PromptTemplate(), s.kept)
+        head = tok(rec.prompt()[:len(rec.prompt()) - len(rec.output)])["input_ids"]
+        assert s.response_from == len(head) and s.ids[:s.response_from] == tuple(head)
+        assert s.ids[-1] == tok.eos_token_id and len(s.ids) - s.response_from >= 2  # a title and EOS
+    for cache_prefix, tokens in ((False, 1), (True, 80), (True, 100_000)):
+        scorer = EffortScorer(model, target, EffortSettings(cache_prefix=cache_prefix, max_batch_tokens=tokens,
+                                                            logits_chunk=5, loss="response"),
+                              torch.device("cpu"), tok.eos_token_id)
+        np.testing.assert_allclose(scorer.score(samples), ref, rtol=1e-4)
+    assert not np.allclose(ref, prompt_ref, rtol=0.05)
+
+
+def test_response_loss_by_hand(setup):
+    """The response effort of one sample from its definition: the mean cross-entropy of the response
+    tokens, differentiated w.r.t. lora_B with torch.autograd on the plain model."""
+    tok, model, _, samples, _ = setup
+    s = max(samples, key=lambda x: len(x.ids))
+    target = find_target(model)
+    ids = torch.tensor([s.ids])
+    B = target.lora_B.weight
+    B.requires_grad_(True)
+    try:
+        logits = model(input_ids=ids).logits[0]
+        pred, gold = logits[s.response_from - 1:-1], ids[0, s.response_from:]
+        loss = torch.nn.functional.cross_entropy(pred, gold)
+        (grad,) = torch.autograd.grad(loss, [B])
+    finally:
+        B.requires_grad_(False)
+    scorer = EffortScorer(model, target, EffortSettings(loss="response"), torch.device("cpu"), tok.eos_token_id)
+    assert scorer.score([s])[0] == pytest.approx(float(grad.norm()), rel=1e-4)

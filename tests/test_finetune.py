@@ -221,3 +221,31 @@ def test_save_adapter_is_atomic_and_guards_foreign_folders(data, tmp_path):
     save_adapter(model, tmp_path / "a", {"run": 2})  # an earlier adapter is replaced
     assert json.loads((tmp_path / "a" / "finetune.json").read_text()) == {"run": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "busy"]  # no temporary folder left
+
+
+def test_token_budget_micro_batches_pad_less_and_train_the_same(data):
+    """micro_batch_tokens: the same effective batches cut by a token budget instead of a count; the
+    update of every step is the same (up to float rounding; without dropout, whose random masks are
+    drawn per micro-batch), padding shrinks."""
+    tok, _, train, valid = data
+    lengths = [len(s.ids) for s in train]
+    fixed = epoch_batches(lengths, 8, 3, np.random.default_rng(0))
+    budget = epoch_batches(lengths, 8, 3, np.random.default_rng(0), micro_batch_tokens=2 * max(lengths))
+    assert [sorted(i for m in b for i in m) for b in fixed] == [sorted(i for m in b for i in m) for b in budget]
+    for batch in budget:
+        for micro in batch:
+            assert len(micro) == 1 or len(micro) * lengths[micro[0]] <= 2 * max(lengths)
+            assert lengths[micro[0]] == max(lengths[i] for i in micro)
+
+    def padding(batches):
+        return sum(len(m) * max(lengths[i] for i in m) - sum(lengths[i] for i in m) for b in batches for m in b)
+
+    assert padding(epoch_batches(lengths, 8, 1, np.random.default_rng(0), micro_batch_tokens=1)) == 0
+    states = []
+    for extra in ({}, {"micro_batch_tokens": 2 * max(lengths)}):
+        cfg = FinetuneConfig(epochs=2, lora_dropout=0.0, **FAST, **extra)
+        model = fresh(tok, cfg)
+        train_lora(model, train, valid, cfg, pad_id=tok.eos_token_id)
+        states.append(trainable_state(model))
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-6)

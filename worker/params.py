@@ -29,12 +29,18 @@ class EffortParams(_Forbid):
     lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     cutoff_len: int | None = Field(None, ge=16, le=32768)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    loss: Literal["prompt", "response"] | None = Field(
+        None, description="effort of the loss over the whole prompt (the reference, default) or the response only")
+    length_correction: Literal["none", "residual"] | None = Field(
+        None, description="residual: log-effort minus its fit on log prompt tokens over the pool (none)")
 
 
 class PruneParams(_Forbid):
     lam: float | None = Field(None, ge=0.0, alias="lambda", description="effort weight (paper, Games: 0.3)")
     strata: int | None = Field(None, ge=1, le=100_000, description="number of strata k (50)")
     hard_prune: float | None = Field(None, ge=0.0, lt=1.0, description="share of highest scores dropped (0.1)")
+    normalize: Literal["minmax", "rank", "robust"] | None = Field(
+        None, description="scaling of each score before they are combined (minmax, the paper's)")
     surrogate: SurrogateConfig = SurrogateConfig()
     influence: InfluenceConfig = InfluenceConfig()
     effort: EffortParams = EffortParams()
@@ -115,12 +121,12 @@ def to_config(req: PruneRequest, n_samples: int, *, device: str = "auto", llm_pa
     raw = {
         "seed": req.seed,
         "selection": {"method": req.method, "budget": resolve_budget(req.budget, n_samples), "seed": req.seed,
-                      **pick(**{"lambda": p.lam}, strata=p.strata, hard_prune=p.hard_prune)},
+                      **pick(**{"lambda": p.lam}, strata=p.strata, hard_prune=p.hard_prune, normalize=p.normalize)},
         "surrogate": p.surrogate.model_dump(),
         "influence": p.influence.model_dump(),
         "effort": {"llm": llm_path, "device": device, "precision": e.precision,
                    **pick(lora_r=e.lora_r, lora_alpha=e.lora_alpha, lora_dropout=e.lora_dropout,
-                          cutoff_len=e.cutoff_len)},
+                          cutoff_len=e.cutoff_len, loss=e.loss, length_correction=e.length_correction)},
     }
     return PruneConfig.model_validate(raw)
 

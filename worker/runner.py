@@ -30,8 +30,9 @@ from core.effort.prompts import PromptTemplate
 from core.effort.score import EffortCancelled
 from core.influence import SolverDiverged
 from core.outputs import write_outputs
+from core.diagnostics import selection_diagnostics
 from core.pipeline import (SCORE_ARRAYS, PruneResult, StageRecord, StageTimer, bigrec_records, effort_stage,
-                           influence_stage, resolve_device, selection_stage, surrogate_stage)
+                           influence_stage, prompt_token_counts, resolve_device, selection_stage, surrogate_stage)
 from core.selection import required_scores
 from core.surrogate.train import Cancelled
 from worker.config import Settings
@@ -270,9 +271,10 @@ class _Segment:
 
     def _effort(self) -> None:
         self.reporter("effort", 0.0, "scoring effort with the LLM")
-        effort, info, path = effort_stage(self.ds, self.cfg.effort, self.dev, self.cache, PromptTemplate(),
-                                          self.records, self._progress("effort"), self.cancel)
+        effort, info, path, tokens = effort_stage(self.ds, self.cfg.effort, self.dev, self.cache, PromptTemplate(),
+                                                  self.records, self._progress("effort"), self.cancel)
         self.scores["effort"] = effort
+        self.scores["prompt_tokens"] = tokens
         self.effort_info = info
         self.artifacts["effort"] = self._rel(path)
 
@@ -286,7 +288,11 @@ class _Segment:
             self._read_scores()
             self.selection = selection_stage(self.ds, self.cfg, self.scores, {}, None)
         self.reporter("outputs", 0.0, "writing the outputs")
-        result = PruneResult(self.ds, self.cfg, self.selection, self.scores, self.records, None, self.effort_info)
+        if "prompt_tokens" not in self.scores:
+            self.scores["prompt_tokens"] = prompt_token_counts(self.ds, self.cfg.effort, self.cache)
+        diagnostics = selection_diagnostics(self.ds, self.selection, self.scores, self.scores["prompt_tokens"])
+        result = PruneResult(self.ds, self.cfg, self.selection, self.scores, self.records, None, self.effort_info,
+                             diagnostics)
         records = bigrec_records(self.ds, self.selection.selected, self.cfg.effort, self.cache)
         if self.cancel():
             raise JobCancelled()
@@ -390,6 +396,8 @@ class _Segment:
             if arrays is None or any(n not in arrays for n in names):
                 raise ArtifactMissing(f"the {stage} scores of this job are no longer in the cache ({rel})")
             self.scores.update({n: arrays[n] for n in names})
+            if stage == "effort" and "prompt_tokens" in arrays:
+                self.scores["prompt_tokens"] = arrays["prompt_tokens"]
 
     def _rel(self, path: Path) -> str:
         return str(Path(path).relative_to(self.cache))

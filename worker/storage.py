@@ -1,7 +1,8 @@
 """Where artifacts live on disk, under the storage root shared by the API and the workers:
 
     <root>/datasets/<id>/files/     the uploaded dataset, as core loads it
-    <root>/jobs/<id>/               a finished job's selection.json/.csv, scores.csv, bigrec_train.jsonl
+    <root>/jobs/<id>/               a finished job's selection.json/.csv, scores.csv, bigrec_train.jsonl,
+                                    diagnostics.json
     <root>/tmp/                     uploads and job outputs being written (renamed into place when complete)
     <root>/cache/                   core's content-addressed stage cache (default; DEALREC_CACHE_DIR)
 
@@ -20,7 +21,8 @@ from worker.store import is_valid_id
 
 log = logging.getLogger(__name__)
 
-JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl", "adapter.tar.gz", "metrics.json")
+JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl", "diagnostics.json", "adapter.tar.gz",
+             "metrics.json")
 
 
 class Storage:

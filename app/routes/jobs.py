@@ -172,6 +172,15 @@ def scores(job_id: str, request: Request, tenant: str = Depends(require_tenant),
     return _artifact(get_ctx(request), job_id, tenant, "scores.csv", "text/csv")
 
 
+@router.get("/jobs/{job_id}/diagnostics", response_class=FileResponse,
+            responses={200: {"content": {"application/json": {}}}})
+def diagnostics(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
+    """What the selection holds against its pool (`diagnostics.json`, as `dealrec prune` writes it):
+    quantiles of history length, prompt tokens and target-item popularity (selected vs all), how each
+    stratum was filled, and the Spearman correlation of each score with prompt length."""
+    return _artifact(get_ctx(request), job_id, tenant, "diagnostics.json", "application/json")
+
+
 @router.get("/jobs/{job_id}/bigrec_train.jsonl", response_class=FileResponse,
             responses={200: {"content": {"application/x-ndjson": {}}}})
 def bigrec_train(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:

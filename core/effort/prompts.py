@@ -91,6 +91,9 @@ class TokenizedSample:
     user: int
     ids: tuple[int, ...]  # the full prompt with EOS, at most cutoff_len tokens
     kept: int
+    # Index of the first response token (the target title) in `ids`; len(ids) for a test prompt,
+    # whose response is what the LLM writes. Loss terms from here on are the response's.
+    response_from: int = 0
 
 
 def tokenize_samples(ds: RecDataset, users: Sequence[int], tokenizer, cutoff_len: int,
@@ -106,14 +109,29 @@ def tokenize_samples(ds: RecDataset, users: Sequence[int], tokenizer, cutoff_len
     eos = tokenizer.eos_token_id if split != "test" else None
     records = [make_record(ds, u, template, split=split) for u in users]
     encoded = tokenizer([r.prompt() for r in records])["input_ids"]
-    out: list[TokenizedSample] = []
+    cut: list[tuple[int, list[int], SampleRecord]] = []
     for u, rec, ids in zip(users, records, encoded):
-        kept = rec.kept
         if _with_eos_len(ids, eos) > cutoff_len:
             kept, ids = _fit(ds, u, template, tokenizer, cutoff_len, rec.kept, split)
+            rec = make_record(ds, u, template, kept, split)
         ids = list(ids) if eos is None or (ids and ids[-1] == eos) else list(ids) + [eos]
-        out.append(TokenizedSample(int(u), tuple(ids[:cutoff_len]), kept))
-    return out
+        cut.append((int(u), ids[:cutoff_len], rec))
+    if split == "test":
+        return [TokenizedSample(u, tuple(ids), rec.kept, len(ids)) for u, ids, rec in cut]
+    heads = tokenizer([format_prompt(rec.instruction, rec.input, "") for _, _, rec in cut])["input_ids"] if cut else []
+    return [TokenizedSample(u, tuple(ids), rec.kept, _response_start(ids, head))
+            for (u, ids, rec), head in zip(cut, heads)]
+
+
+def _response_start(ids: Sequence[int], head: Sequence[int]) -> int:
+    """First position of the response in `ids`, given `head` = the prompt tokenised without its
+    response: len(head) where that is a prefix of `ids` (the usual case), otherwise the first position
+    where the two differ (a tokenizer that merged across the boundary). At least the last token (EOS)
+    is always in the response."""
+    n, limit = 0, min(len(head), len(ids))
+    while n < limit and head[n] == ids[n]:
+        n += 1
+    return max(1, min(n, len(ids) - 1))
 
 
 def _with_eos_len(ids: Sequence[int], eos: int | None) -> int:

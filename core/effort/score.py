@@ -154,6 +154,9 @@ class EffortSettings:
     # "bf16": the layers before the target one run in bfloat16 without grad (most of the
     # forward); the target layer, the layers after it, the final norm and the output head stay fp32.
     precision: str = "fp32"
+    # "prompt": the loss over every token of the prompt (the reference); "response": over the response
+    # tokens only (from each sample's `response_from`: the target title and EOS).
+    loss: str = "prompt"
 
 
 def _to_fp32(x):
@@ -212,6 +215,9 @@ class EffortScorer:
                 k += 1
             common = k
         length = common - 1
+        if self.s.loss == "response":
+            # Every response loss term must lie in the sample's own part (after the cached prefix).
+            length = min(length, min(x.response_from for x in samples) - 1)
         if length < 2:
             return None, None, 0
         ids = torch.tensor([first[:length + 1]], device=self.device)
@@ -223,7 +229,8 @@ class EffortScorer:
             _, dh = chunked_ce_grad(hidden.detach(), targets, mask, self.head, self.s.logits_chunk)
             (g,) = torch.autograd.grad(hidden, [cap.v_out[0]], grad_outputs=dh.to(hidden.dtype))
         u = cap.u_in[0]
-        const = self.t.scaling * torch.einsum("bto,btr->or", g.float(), u.float())
+        # The prefix's own loss terms are the same for every sample; a response-only loss has none there.
+        const = self.t.scaling * torch.einsum("bto,btr->or", g.float(), u.float()) if self.s.loss == "prompt" else None
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
         return (kv, u[0].float(), length), const, length
@@ -278,6 +285,9 @@ class EffortScorer:
                  len(batches), plen, (time.perf_counter() - started) / max(len(samples), 1))
         return out
 
+    def _loss_terms(self, x: TokenizedSample) -> int:
+        return len(x.ids) - x.response_from if self.s.loss == "response" else len(x.ids) - 1
+
     def _score_batch(self, batch: Sequence[TokenizedSample], prefix, const, plen: int) -> np.ndarray:
         b = len(batch)
         lens = [len(x.ids) - plen for x in batch]
@@ -293,6 +303,10 @@ class EffortScorer:
         targets = torch.roll(ids, -1, dims=1)
         pos = torch.arange(width, device=self.device).unsqueeze(0)
         mask = pos < (torch.tensor(lens, device=self.device).unsqueeze(1) - 1)
+        if self.s.loss == "response":
+            # Column c predicts token plen + c + 1 of the sample: keep the response's targets only.
+            first = torch.tensor([x.response_from - plen - 1 for x in batch], device=self.device).unsqueeze(1)
+            mask &= pos >= first
 
         kwargs = {}
         leaf = None
@@ -315,24 +329,28 @@ class EffortScorer:
         gB = gB * self.t.scaling
         if const is not None:
             gB = gB + const
-        n_terms = torch.tensor([len(x.ids) - 1 for x in batch], dtype=torch.float32, device=gB.device)
+        n_terms = torch.tensor([self._loss_terms(x) for x in batch], dtype=torch.float32, device=gB.device)
         # The loss is the mean over each sample's own real tokens (padding never counts).
         gB = gB / n_terms.clamp_min(1).view(-1, 1, 1)
         return gB.flatten(1).norm(dim=1).cpu().numpy().astype(np.float64)
 
 
-def effort_reference(peft_model, target: EffortTarget, sample: TokenizedSample, device: torch.device) -> float:
+def effort_reference(peft_model, target: EffortTarget, sample: TokenizedSample, device: torch.device,
+                     loss: str = "prompt") -> float:
     """The reference procedure, for tests and the benchmark baseline: batch size 1, fp32, every
-    LoRA weight requiring grad and a full backward pass, then read lora_B's .grad."""
+    LoRA weight requiring grad and a full backward pass, then read lora_B's .grad. `loss="response"`
+    masks the labels before the sample's `response_from` (the causal-LM loss of the response alone)."""
     lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     for p in lora_params:
         p.requires_grad_(True)
         p.grad = None
     try:
         ids = torch.tensor([sample.ids], device=device)
+        labels = ids.clone()
+        if loss == "response":
+            labels[:, :sample.response_from] = -100
         with torch.enable_grad():
-            loss = peft_model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            peft_model(input_ids=ids, labels=labels).loss.backward()
         return float(target.lora_B.weight.grad.norm())
     finally:
         for p in lora_params:
