@@ -54,7 +54,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-micro-batch-size", type=int, default=4, help="samples per forward pass (4)")
     g.add_argument("--llm-lr", type=float, default=1e-3, help="learning rate (1e-3; the recipe: 1e-4)")
     g.add_argument("--llm-warmup-steps", type=int, default=20, help="warmup updates (20, the recipe)")
-    g.add_argument("--test-users", type=int, default=500, help="fixed random subset of test users (500)")
+    g.add_argument("--test-users", type=int, default=500,
+                   help="fixed random subset of test users (500; 0 = every user with a test item)")
     g.add_argument("--test-seed", type=int, default=0, help="seed of that subset (0)")
     g.add_argument("--num-beams", type=int, default=4, help="beam search width (4)")
     # 95% of Games titles fit in 32 tokens (quotes and EOS included); a model that does not stop pays
@@ -62,20 +63,27 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=32, help="generation length limit (32)")
     g.add_argument("--gen-batch-size", type=int, default=4, help="prompts per generate() call (4)")
     g.add_argument("--no-base", action="store_true", help="no row for the LLM without fine-tuning")
+    g.add_argument("--nll-only", action="store_true",
+                   help="screening: fine-tune, then only each test user's NLL of the true title (no generation); "
+                        "reports llm-nll.md / llm-nll.json")
+    g.add_argument("--reference", default="random",
+                   help="the method every other one is compared with, per seed and pooled over seeds (random)")
+    g.add_argument("--llm-micro-batch-tokens", type=int, default=0,
+                   help="fine-tuning micro-batches by padded tokens instead of --llm-micro-batch-size (0 = off)")
 
 
 def finetune_config(args: argparse.Namespace, seed: int) -> FinetuneConfig:
     return FinetuneConfig(llm=args.llm, epochs=args.llm_epochs, batch_size=args.llm_batch_size,
                           micro_batch_size=min(args.llm_micro_batch_size, args.llm_batch_size), lr=args.llm_lr,
                           warmup_steps=args.llm_warmup_steps, device=args.device, precision=args.precision,
-                          seed=seed)
+                          micro_batch_tokens=args.llm_micro_batch_tokens, seed=seed)
 
 
 def eval_config(args: argparse.Namespace, adapter: Path | None) -> LLMEvalConfig:
     return LLMEvalConfig(llm=args.llm, adapter=str(adapter) if adapter else None, num_beams=args.num_beams,
                          max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
-                         test_users=args.test_users, seed=args.test_seed, device=args.device,
-                         precision=args.precision)
+                         test_users=args.test_users or None, seed=args.test_seed, device=args.device,
+                         precision=args.precision, generate=not args.nll_only)
 
 
 @dataclass(frozen=True)
@@ -88,12 +96,22 @@ class LLMCell:
         ev = key_dump(eval_config(args, None), mode="json")
         parts: dict[str, Any] = {"data": ds.fingerprint, "method": self.method, "budget": self.budget, "eval": ev}
         if self.method != BASE:
-            parts["selection"] = hashlib.sha256(json.dumps(sorted(selected or [])).encode()).hexdigest()[:20]
+            parts["selection"] = _selection_hash(selected)
             parts["finetune"] = key_dump(finetune_config(args, self.seed), mode="json")
         return cache_key("quality-llm-cell", **parts).rsplit("-", 1)[1]
 
+    def adapter_key(self, ds: RecDataset, args: argparse.Namespace, selected: Sequence[int]) -> str:
+        """What the fine-tuned adapter depends on (not the evaluation: a screening cell and a full one
+        share it)."""
+        return cache_key("quality-llm-adapter", data=ds.fingerprint, selection=_selection_hash(selected),
+                         finetune=key_dump(finetune_config(args, self.seed), mode="json"))
+
     def label(self) -> str:
         return BASE if self.method == BASE else f"{self.method} s{self.seed} b{self.budget}"
+
+
+def _selection_hash(selected: Sequence[int] | None) -> str:
+    return hashlib.sha256(json.dumps(sorted(selected or [])).encode()).hexdigest()[:20]
 
 
 def load_llm_cell(path: Path) -> dict[str, Any] | None:
@@ -120,7 +138,7 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
     finetune: dict[str, Any] | None = None
     adapter = None
     if cell.method != BASE:
-        adapter = ctx.cache_dir / "bench-llm" / key / "adapter"
+        adapter = ctx.cache_dir / "bench-llm" / cell.adapter_key(ctx.ds, args, selected) / "adapter"
         meta = None if args.fresh else read_meta(adapter)
         if meta is None:
             ctx.status(f"{cell.label()} finetune: loading")
@@ -140,10 +158,11 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
         "metrics": result["metrics"],
         "eval_seconds": {k: round(v, 1) for k, v in result["seconds"].items()},
         "eval": {k: result["params"][k] for k in ("num_beams", "max_new_tokens", "test_users", "seed", "embed_with",
-                                                   "exclude_seen", "device", "precision")},
+                                                   "exclude_seen", "device", "precision", "batch_size", "generate")},
+        "generation": result.get("generation"),
         # Per test user, for paired comparisons and for reading what the model generates.
-        "users": [{"user": p["user"], "generated": p["generated"], "target_rank": p["target_rank"],
-                   "metrics": p["metrics"]} for p in result["predictions"]],
+        "users": [{k: p[k] for k in ("user", "generated", "target_rank", "metrics", "nll", "answer_tokens") if k in p}
+                  for p in result["predictions"]],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
@@ -158,53 +177,89 @@ def llm_cells(methods: Sequence[str], seeds: Sequence[int], budgets: Sequence[in
 # ----------------------------------------------------------------------------------------------
 # Aggregation and the paired comparison
 
+NLL = "nll"  # each test user's mean NLL per token of the true title (and EOS): lower is better
+COMPARED = ("recall@20", "ndcg@20", "recall@50")
+
 
 def per_user(cell: dict[str, Any], metric: str) -> np.ndarray:
+    if metric == NLL:
+        return np.array([u[NLL] for u in cell["users"]], dtype=np.float64)
     return np.array([u["metrics"][metric] for u in cell["users"]], dtype=np.float64)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0,
-                     samples: int = BOOTSTRAP_SAMPLES) -> dict[str, float]:
+def has_metric(cell: dict[str, Any], metric: str) -> bool:
+    users = cell["users"]
+    if metric == NLL:
+        return bool(users) and all(u.get(NLL) is not None for u in users)
+    return bool(users) and "metrics" in users[0]
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
+                     lower_is_better: bool = False) -> dict[str, float]:
     """Mean of a - b over the same users, its 95% percentile interval from resampling users, and the
-    share of resamples in which a - b <= 0 (a one-sided bootstrap p-value for "a beats b")."""
+    share of resamples in which a is not better than b (a one-sided bootstrap p-value for "a beats
+    b"; better = larger, or smaller with `lower_is_better`). `a` and `b` may be (seeds, users): the
+    users are resampled, each keeping all of its seeds (the seeds of one user are not independent)."""
     if a.shape != b.shape or a.size == 0:
         raise ValueError("paired samples need the same non-zero number of users")
     diff = a - b
+    per_user_diff = diff.mean(axis=0) if diff.ndim == 2 else diff
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(samples, diff.size))].mean(axis=1)
+    means = per_user_diff[rng.integers(0, per_user_diff.size, size=(samples, per_user_diff.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"diff": float(diff.mean()), "ci95": [float(lo), float(hi)], "p_not_better": float((means <= 0).mean())}
+    not_better = (means >= 0) if lower_is_better else (means <= 0)
+    return {"diff": float(per_user_diff.mean()), "ci95": [float(lo), float(hi)], "p_not_better": float(not_better.mean())}
+
+
+def _metrics_of(results: dict[LLMCell, dict[str, Any]], cells: Sequence[LLMCell]) -> list[str]:
+    found = [m for m in METRICS if all(has_metric(results[c], m) for c in cells)]
+    return found + ([NLL] if all(has_metric(results[c], NLL) for c in cells) else [])
 
 
 def summarize_llm(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
                   budget: int, with_base: bool) -> dict[str, dict[str, dict[str, float]]]:
+    """row -> metric -> mean/std over seeds (the metrics every cell of the row has: Recall/NDCG@K
+    with generation, NLL with the answer scored)."""
     out = {}
     rows = ([(BASE, [LLMCell(BASE, 0, 0)])] if with_base else []) + \
         [(m, [LLMCell(m, s, budget) for s in seeds]) for m in methods]
     for name, cells in rows:
-        out[name] = {k: mean_std(results[c]["metrics"][k] for c in cells) for k in METRICS}
+        out[name] = {k: mean_std(float(np.mean(per_user(results[c], k))) if k == NLL else results[c]["metrics"][k]
+                                 for c in cells) for k in _metrics_of(results, cells)}
     return out
 
 
+def _same_users(cells: Sequence[dict[str, Any]]) -> None:
+    first = [u["user"] for u in cells[0]["users"]]
+    if any([u["user"] for u in c["users"]] != first for c in cells[1:]):
+        raise ValueError("the cells were evaluated on different test users")
+
+
 def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
-                budget: int) -> list[dict[str, Any]]:
-    """Each later method against the first (`--methods dealrec,random`: DEALRec minus Random), per
-    seed, on the same test users: hits@K and the paired bootstrap of R@20, N@20 and R@50."""
+                budget: int, reference: str) -> list[dict[str, Any]]:
+    """Each other method against `reference` on the same test users: per seed (hits@K and the paired
+    bootstrap of R@20, N@20, R@50 and NLL), then pooled over the seeds (seed "all": each user's
+    difference averaged over the seeds, users resampled)."""
+    if reference not in methods:
+        return []
     out = []
-    if len(methods) < 2:
-        return out
-    ref = methods[0]
-    for other in methods[1:]:
-        for seed in seeds:
-            a, b = results[LLMCell(ref, seed, budget)], results[LLMCell(other, seed, budget)]
-            if [u["user"] for u in a["users"]] != [u["user"] for u in b["users"]]:
-                raise ValueError("the two cells were evaluated on different test users")
-            row: dict[str, Any] = {"a": ref, "b": other, "seed": seed, "budget": budget, "users": len(a["users"])}
-            for metric in ("recall@20", "ndcg@20", "recall@50"):
-                row[metric] = paired_bootstrap(per_user(a, metric), per_user(b, metric), seed=seed)
-            for k in (10, 20, 50):
-                row[f"hits@{k}"] = [int(sum(u["target_rank"] is not None and u["target_rank"] < k for u in c["users"]))
-                                    for c in (a, b)]
+    for other in [m for m in methods if m != reference]:
+        pairs = [(results[LLMCell(other, s, budget)], results[LLMCell(reference, s, budget)]) for s in seeds]
+        _same_users([c for pair in pairs for c in pair])
+        metrics = [m for m in (*COMPARED, NLL) if all(has_metric(c, m) for pair in pairs for c in pair)]
+        for seed, group in [*((s, [pair]) for s, pair in zip(seeds, pairs)), ("all", pairs)]:
+            row: dict[str, Any] = {"a": other, "b": reference, "seed": seed, "budget": budget,
+                                   "users": len(pairs[0][0]["users"])}
+            for metric in metrics:
+                # (seeds in the group, users): the bootstrap resamples users, keeping their seeds together.
+                xa = np.stack([per_user(a, metric) for a, _ in group])
+                xb = np.stack([per_user(b, metric) for _, b in group])
+                row[metric] = paired_bootstrap(xa, xb, seed=0 if seed == "all" else seed,
+                                               lower_is_better=metric == NLL)
+            if "recall@20" in metrics:
+                row.update({f"hits@{k}": [int(sum(u["target_rank"] is not None and u["target_rank"] < k
+                                                  for pair in group for u in pair[j]["users"])) for j in (0, 1)]
+                            for k in (10, 20, 50)})
             out.append(row)
     return out
 
@@ -213,50 +268,70 @@ def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], 
 # Reports
 
 
-def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, resumed: set[LLMCell], labels) -> str:
+def _fmt_row(row: dict[str, float]) -> str:
+    return fmt_mean_std(row) if row["n"] > 1 else f"{row['mean']:.4f}"
+
+
+def _fmt_diff(d: dict[str, Any]) -> str:
+    return f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p {d['p_not_better']:.3f}"
+
+
+def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, resumed: set[LLMCell], label) -> str:
     ft = finetune_config(args, 0)
     ev = eval_config(args, None)
+    users = f"{meta['test_users']} test users" + (" (every user with a test item)" if ev.test_users is None else
+                                                  f" (a subset drawn with seed {ev.seed})")
+    micro = (f"micro-batches of at most {ft.micro_batch_tokens} padded tokens" if ft.micro_batch_tokens
+             else f"micro-batch {ft.micro_batch_size}")
+    what = ("each test user's NLL of the true title only (teacher forced, no generation)" if args.nll_only else
+            f"beam search {ev.num_beams} beams, at most {ev.max_new_tokens} new tokens, generated text and item titles "
+            "embedded by the base LLM (last token, last layer), all items ranked by L2 distance, seen items not "
+            "excluded (as the reference); NLL = each user's mean negative log-likelihood per token of the true "
+            "title and EOS, teacher forced (lower is better)")
+    metrics = [m for m in (*METRICS, NLL) if all(m in row for row in summary.values())]
     lines = [
-        "# LLM-level quality of the selected samples (BIGRec)", "", "```", command_line(args), "```", "",
+        "# LLM-level quality of the selected samples (BIGRec)" + (": NLL screening" if args.nll_only else ""), "",
+        "```", command_line(args), "```", "",
         (f"- data: `{args.data}`, {meta['users']} users (training samples), {meta['items']} items, fingerprint "
-        f"`{meta['fingerprint']}`"),
+         f"`{meta['fingerprint']}`"),
         f"- LLM: `{args.llm}` ({meta['llm']}), {meta['device']}, {meta['threads']} torch threads",
         (f"- fine-tuning: LoRA r {ft.lora_r} / alpha {ft.lora_alpha} / dropout {ft.lora_dropout} on "
-        f"{'+'.join(ft.lora_target_modules)}, {ft.epochs} epochs at most (early stopping on the selected users' "
-        f"validation samples, patience {ft.patience}), effective batch {ft.batch_size} (micro-batch "
-        f"{ft.micro_batch_size}), lr {ft.lr:g}, {ft.warmup_steps} warmup updates, cutoff {ft.cutoff_len}, loss on the "
-        "whole prompt"),
-        (f"- evaluation: the same {ev.test_users} test users for every row (subset seed {ev.seed}), beam search "
-        f"{ev.num_beams} beams, at most {ev.max_new_tokens} new tokens, generated text and item titles embedded by the "
-        "base LLM (last token, last layer), all items ranked by L2 distance, seen items not excluded (as the reference)"),
-        f"- seeds: {', '.join(map(str, meta['seeds']))} (selection and training seed); finished {meta['finished']}", "",
+         f"{'+'.join(ft.lora_target_modules)}, {ft.epochs} epochs at most (early stopping on the selected users' "
+         f"validation samples, patience {ft.patience}), effective batch {ft.batch_size} ({micro}), lr {ft.lr:g}, "
+         f"{ft.warmup_steps} warmup updates, cutoff {ft.cutoff_len}, loss on the whole prompt"),
+        f"- evaluation: the same {users} for every row; {what}",
+        f"- seeds: {', '.join(map(str, meta['seeds']))} (the selection's and the fine-tuning's seed); "
+        f"finished {meta['finished']}", "",
         f"## Budget {budget} samples ({100 * budget / meta['users']:.2f}% of {meta['users']})", "",
-        "| method | " + " | ".join(SHORT[m] for m in METRICS) + " |", "| --- |" + " --- |" * len(METRICS)]
+        "Mean ± sample std over seeds" + (" (NLL: lower is better)" if NLL in metrics else "") + ":", "",
+        "| method | " + " | ".join(SHORT.get(m, "NLL") for m in metrics) + " |", "| --- |" + " --- |" * len(metrics)]
     for method, row in summary.items():
-        name = "base LLM (no fine-tuning)" if method == BASE else labels[method]
-        lines.append(f"| {name} | " + " | ".join(fmt_mean_std(row[m]) if row[m]["n"] > 1 else f"{row[m]['mean']:.4f}"
-                                                for m in METRICS) + " |")
+        name = "base LLM (no fine-tuning)" if method == BASE else label(method)
+        lines.append(f"| {name} | " + " | ".join(_fmt_row(row[m]) if m in row else "-" for m in metrics) + " |")
     if comps:
-        lines += ["", ("Paired on the same test users (difference first minus second; 95% interval from "
-                  f"{BOOTSTRAP_SAMPLES:,} bootstrap resamples of the users; p = share of resamples where the first "
-                  "is not better):"), "",
-                  ("| first vs second | seed | users | hits@20 | hits@50 | R@20 difference [95% CI], p | "
-                  "N@20 difference [95% CI], p |"), "| --- | --- | --- | --- | --- | --- | --- |"]
+        shown = [m for m in (*COMPARED, NLL) if m in comps[0]]
+        lines += ["", (f"Paired on the same test users, each method minus {label(comps[0]['b'])} (95% interval from "
+                       f"{BOOTSTRAP_SAMPLES:,} bootstrap resamples of the users; p = share of resamples in which the "
+                       "method is not better; seed \"all\" pools the seeds: each user's difference averaged over "
+                       "them):"), "",
+                  "| method | seed | users | " + ("hits@20 | hits@50 | " if "recall@20" in shown else "")
+                  + " | ".join(f"{SHORT.get(m, 'NLL')} difference [95% CI], p" for m in shown) + " |",
+                  "| --- | --- | --- | " + ("--- | --- | " if "recall@20" in shown else "") + "--- | " * len(shown)]
         for c in comps:
-            cols = [f"{c[m]['diff']:+.4f} [{c[m]['ci95'][0]:+.4f}, {c[m]['ci95'][1]:+.4f}], p {c[m]['p_not_better']:.2f}"
-                    for m in ("recall@20", "ndcg@20")]
-            lines.append(f"| {labels[c['a']]} vs {labels[c['b']]} | {c['seed']} | {c['users']} | "
-                         f"{c['hits@20'][0]} vs {c['hits@20'][1]} | {c['hits@50'][0]} vs {c['hits@50'][1]} | "
-                         + " | ".join(cols) + " |")
+            hits = f"{c['hits@20'][0]} vs {c['hits@20'][1]} | {c['hits@50'][0]} vs {c['hits@50'][1]} | " \
+                if "hits@20" in c else ""
+            seed = "**all**" if c["seed"] == "all" else c["seed"]
+            lines.append(f"| {label(c['a'])} | {seed} | {c['users']} | {hits}"
+                         + " | ".join(_fmt_diff(c[m]) for m in shown) + " |")
     lines += ["", "## Cells", "",
               ("| row | seed | train samples | valid samples | epochs (best) | train loss first → last | valid loss best | "
-              "fine-tune s (s/sample/epoch) | generate s (s/user) | this run |"),
+               "fine-tune s (s/sample/epoch) | generate s (s/user) | this run |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell, r in sorted(results.items(), key=lambda kv: (kv[0].method != BASE, kv[0].budget, kv[0].method, kv[0].seed)):
         f = r["finetune"]
         gen = r["eval_seconds"].get("generate", 0.0)
-        users = max(1, len(r["users"]))
-        name = "base LLM" if cell.method == BASE else labels[cell.method]
+        n_users = max(1, len(r["users"]))
+        name = "base LLM" if cell.method == BASE else label(cell.method)
         if f:
             hist = f["history"]
             valid = [h["valid_loss"] for h in hist if "valid_loss" in h]
@@ -266,35 +341,43 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
                        f"{f['train_seconds']:.0f} ({f['seconds_per_sample']:.2f})")
         else:
             ft_cols = "- | - | - | - | - | -"
-        lines.append(f"| {name} | {cell.seed} | {ft_cols} | {gen:.0f} ({gen / users:.2f}) | "
+        lines.append(f"| {name} | {cell.seed} | {ft_cols} | {gen:.0f} ({gen / n_users:.2f}) | "
                      f"{'cell cache' if cell in resumed else 'computed'} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], labels, meta, budget: int) -> bool:
+def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], label, meta, budget: int) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    kinds = [k for k in ("recall", "ndcg") if all(f"{k}@20" in row for row in summary.values())]
+    with_nll = all(NLL in row for row in summary.values())
+    panels = kinds + ([NLL] if with_nll else [])
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     methods = list(summary)
     width = 0.8 / len(methods)
-    for ax, kind in zip(axes, ("recall", "ndcg")):
-        metrics = [m for m in METRICS if m.startswith(kind)]
+    for ax, kind in zip(axes[0], panels):
+        metrics = [NLL] if kind == NLL else [m for m in METRICS if m.startswith(kind)]
         x = np.arange(len(metrics))
         for i, method in enumerate(methods):
             # One seed has no spread to draw: no error bars rather than misleading zero-width ones.
             spread = [summary[method][m]["std"] for m in metrics] if summary[method][metrics[0]]["n"] > 1 else None
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, [summary[method][m]["mean"] for m in metrics], width,
-                   yerr=spread, capsize=2,
-                   label="base LLM" if method == BASE else labels[method],
+                   yerr=spread, capsize=2, label="base LLM" if method == BASE else label(method),
                    color="0.6" if method == BASE else None, hatch="//" if method == BASE else None)
-        ax.set_xticks(x, [SHORT[m] for m in metrics])
-        ax.set_title(f"{'Recall' if kind == 'recall' else 'NDCG'}, LLM fine-tuned on {budget} samples")
+        ax.set_xticks(x, [SHORT.get(m, "NLL per title token") for m in metrics])
+        ax.set_title({"recall": "Recall", "ndcg": "NDCG"}.get(kind, "NLL of the true title (lower is better)")
+                     + f", LLM fine-tuned on {budget} samples", fontsize=9)
+        if kind == NLL:
+            lows = [summary[m][NLL]["mean"] for m in methods]
+            ax.set_ylim(min(lows) * 0.97, max(lows) * 1.02)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     seeds = len(meta["seeds"])
     fig.suptitle(f"BIGRec evaluation, {meta['test_users']} test users, "
-                 + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (paired intervals: llm.md)"))
+                 + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (paired intervals: the .md)"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -302,26 +385,30 @@ def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], labels
 
 
 def write_llm_reports(args, ds: RecDataset, out: Path, device, seeds, budgets, methods, results, resumed,
-                      seconds: float, labels: dict[str, str]) -> dict[str, Any]:
-    """llm.md / llm.png / llm.json for the first budget (and the json for every budget)."""
+                      seconds: float, label: Callable[[str], str]) -> dict[str, Any]:
+    """llm.md / llm.png / llm.json (llm-nll.* with --nll-only) for the first budget (the json for every
+    budget)."""
     import torch
 
     from core.effort.llm import resolve_llm
 
+    stem = "llm-nll" if args.nll_only else "llm"
     with_base = any(c.method == BASE for c in results)
     meta = {"users": ds.n_users, "items": ds.n_items, "fingerprint": ds.fingerprint, "seeds": list(seeds),
             "llm": resolve_llm(args.llm).key(), "device": str(device), "threads": torch.get_num_threads(),
             "test_users": len(next(iter(results.values()))["users"]), "finished": time.strftime("%Y-%m-%d %H:%M")}
     summaries = {b: summarize_llm(results, methods, seeds, b, with_base) for b in budgets}
-    comps = {b: comparisons(results, methods, seeds, b) for b in budgets}
+    comps = {b: comparisons(results, methods, seeds, b, args.reference) for b in budgets}
     budget = budgets[0]
-    (out / "llm.md").write_text(llm_md(args, meta, budget, summaries[budget], results, comps[budget], resumed, labels))
-    plot_llm(out / "llm.png", summaries[budget], labels, meta, budget)
+    (out / f"{stem}.md").write_text(llm_md(args, meta, budget, summaries[budget], results, comps[budget], resumed,
+                                           label))
+    plot_llm(out / f"{stem}.png", summaries[budget], label, meta, budget)
     report = {"command": command_line(args), **meta, "budgets": budgets, "methods": list(methods),
-              "wall_seconds": round(seconds, 1), "finetune": finetune_config(args, 0).model_dump(mode="json"),
+              "reference": args.reference, "wall_seconds": round(seconds, 1),
+              "finetune": finetune_config(args, 0).model_dump(mode="json"),
               "evaluation": eval_config(args, None).model_dump(mode="json"),
               "summary": {str(b): s for b, s in summaries.items()}, "paired": {str(b): c for b, c in comps.items()},
               "cells": [{k: v for k, v in r.items() if k != "users"} | {"from_cell_cache": c in resumed}
                         for c, r in results.items()]}
-    atomic_write_bytes(out / "llm.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode())
     return report

@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import llm_level
+from bench import llm_level, variants
 from bench.common import METRICS, SHORT, command_line, mean_std
 from bench.common import fmt_mean_std as _fmt
 from bench.common import pyplot as _pyplot
@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default=None, help="core's cache (default $DEALREC_CACHE_DIR or ~/.cache/dealrec)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/quality-<limit-users>)")
     ap.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
+    ap.add_argument("--backfill", action="store_true",
+                    help="give finished cells without scores and diagnostics those (selects again from core's cache "
+                         "and checks the selection is the recorded one)")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="run only every N-th cell starting at I (0-based): one process per core, then one run "
+                         "without --shard assembles the reports from the cells")
     ap.add_argument("--json", action="store_true", help="last stdout line: method -> metric -> mean/std")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("-v", "--verbose", action="store_true", help="also core's per-epoch log lines")
@@ -116,17 +122,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _checked_methods(names: list[str], flag: str) -> list[str]:
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"quality: error: {flag}: unknown method(s) {', '.join(unknown)} "
-                         f"(choose from {', '.join(METHODS)})")
+    for name in names:
+        try:
+            variants.parse(name, METHODS)
+        except variants.VariantError as exc:
+            raise SystemExit(f"quality: error: {flag}: {exc}") from None
     return list(dict.fromkeys(names))
 
 
 def _needs_llm(method: str) -> bool:
     from core.selection import required_scores
 
-    return "effort" in required_scores(method)
+    return "effort" in required_scores(variants.base_method(method))
+
+
+def label(method: str) -> str:
+    """The row name of a method or variant spec (bench/variants.py)."""
+    return variants.label(method, LABELS)
 
 
 def parse_budgets(text: str, n_samples: int) -> list[int]:
@@ -147,11 +159,12 @@ def prune_config(args: argparse.Namespace, method: str, seed: int, budget: int) 
     """The configuration `dealrec prune --method M --budget B --seed S` builds (core/cli.py
     build_config): the seed drives the surrogate, influence and selection; the effort config keeps
     its default seed, so the LLM effort scores are one cache entry shared by every seed and method."""
+    base, overrides = variants.parse(method, METHODS)
     raw: dict[str, Any] = {
         "seed": seed,
-        "selection": {"method": method, "budget": budget, "seed": seed},
+        "selection": {"method": base, "budget": budget, "seed": seed, **overrides.get("selection", {})},
         "surrogate": {} if args.epochs is None else {"epochs": args.epochs},
-        "effort": {"llm": args.llm, "device": args.device, "precision": args.precision},
+        "effort": {"llm": args.llm, "device": args.device, "precision": args.precision, **overrides.get("effort", {})},
     }
     return PruneConfig.model_validate(raw)
 
@@ -205,6 +218,9 @@ def run_cell(cell: Cell, ctx: Context) -> tuple[dict[str, Any], bool]:
     """The cell's result (from OUT/cells when finished earlier) and whether it came from there."""
     path = cell.path(ctx.out, ctx.ds, ctx.args)
     if not ctx.args.fresh and (done := load_cell(path)) is not None:
+        if ctx.args.backfill and cell.method != FULL and "diagnostics" not in done:
+            done = backfill_cell(cell, ctx, done)
+            save_cell(path, done)
         return done, True
     result = full_cell(cell, ctx) if cell.method == FULL else pruned_cell(cell, ctx)
     save_cell(path, result)
@@ -229,9 +245,43 @@ def pruned_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     selected = [int(u) for u in pruned.selection.selected]
     quality = surrogate_level(ctx.ds, selected, cfg.surrogate, cfg.seed, device=ctx.device,
                               progress=_train_progress(ctx, cell))
-    return _cell_record(cell, select_seconds, quality, selected=selected, notes=pruned.selection.notes,
-                        stages={name: {"seconds": round(rec.seconds, 3), "cached": rec.cached, "skipped": rec.skipped}
-                                for name, rec in pruned.stages.items()})
+    record = _cell_record(cell, select_seconds, quality, selected=selected, notes=pruned.selection.notes,
+                          stages={name: {"seconds": round(rec.seconds, 3), "cached": rec.cached,
+                                         "skipped": rec.skipped} for name, rec in pruned.stages.items()})
+    return {**record, **_score_refs(ctx.out, pruned)}
+
+
+def _score_refs(out: Path, pruned) -> dict[str, Any]:
+    """The cell's diagnostics, and its per-sample scores as files under OUT/scores/ named by content
+    (a score shared by several cells, e.g. one seed's influence, is stored once)."""
+    import hashlib
+    import io
+
+    refs = {}
+    for name, values in sorted(pruned.scores.items()):
+        arr = np.asarray(values)
+        digest = hashlib.sha256(arr.tobytes() + str(arr.dtype).encode()).hexdigest()[:16]
+        rel = f"scores/{name}-{digest}.npz"
+        if not (out / rel).is_file():
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **{name: arr})
+            atomic_write_bytes(out / rel, buf.getvalue())
+        refs[name] = rel
+    return {"scores": refs, "diagnostics": pruned.diagnostics}
+
+
+def backfill_cell(cell: Cell, ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
+    """A cell finished before cells kept their scores and diagnostics: select again (from core's
+    cache when warm), check the selection is the recorded one, and add the scores and diagnostics."""
+    from core.pipeline import run_prune
+
+    pruned = run_prune(ctx.ds, cell.cfg(ctx.args), device=ctx.args.device, cache_dir=ctx.cache_dir,
+                       progress=lambda stage, frac, msg="": ctx.status(f"backfill {cell.method} s{cell.seed} {stage}"))
+    again = [int(u) for u in pruned.selection.selected]
+    if again != record["selected"]:
+        raise RuntimeError(f"{cell.method} seed {cell.seed} budget {cell.budget}: selecting again gave another "
+                           f"selection than the recorded one ({len(set(again) ^ set(record['selected']))} differ)")
+    return {**record, **_score_refs(ctx.out, pruned)}
 
 
 def full_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
@@ -321,7 +371,7 @@ def table_md(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     best = {m: _best_methods(summary, m) for m in METRICS}
     for method, row in summary.items():
         cells = [f"**{_fmt(row[m])}**" if method in best[m] else _fmt(row[m]) for m in METRICS]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -329,7 +379,7 @@ def timing_md(times: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| method | select s / seed | train surrogate s / seed | best epoch (mean) | total s |",
              "| --- | --- | --- | --- | --- |"]
     for method, t in times.items():
-        lines.append(f"| {LABELS[method]} | {t['select_mean_s']:.1f} | {t['train_mean_s']:.1f} | "
+        lines.append(f"| {label(method)} | {t['select_mean_s']:.1f} | {t['train_mean_s']:.1f} | "
                      f"{t['best_epoch_mean']:.1f} | {t['total_s']:.1f} |")
     return lines
 
@@ -339,11 +389,12 @@ def cells_md(results: dict[Cell, dict[str, Any]], resumed: set[Cell]) -> list[st
             "N@20", "this run"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     order = {m: i for i, m in enumerate((*METHODS, FULL))}
-    for cell, r in sorted(results.items(), key=lambda kv: (kv[0].budget, order[kv[0].method], kv[0].seed)):
+    for cell, r in sorted(results.items(), key=lambda kv: (kv[0].budget, order[variants.base_method(kv[0].method)],
+                                                            kv[0].method, kv[0].seed)):
         stages = ", ".join(f"{k} {v['seconds']:.1f}{' c' if v['cached'] else ''}"
                            for k, v in r["stages"].items() if not v["skipped"]) or "; ".join(r["notes"])
         ev = r["eval"]
-        lines.append(f"| {LABELS[cell.method]} | {cell.seed} | {cell.budget} | {r['select_seconds']:.1f} | {stages} | "
+        lines.append(f"| {label(cell.method)} | {cell.seed} | {cell.budget} | {r['select_seconds']:.1f} | {stages} | "
                      f"{ev['seconds']:.1f} | {ev['best_epoch']} | {ev['metrics']['recall@20']:.4f} | "
                      f"{ev['metrics']['ndcg@20']:.4f} | {'cell cache' if cell in resumed else 'computed'} |")
     return lines
@@ -377,7 +428,7 @@ def results_md(args, meta, budgets, summaries, times, results, resumed) -> str:
 
 def ratio_md(args, meta, budgets, methods, curve, full) -> str:
     lines = header_md("Surrogate-level quality vs. selection ratio", args, meta)
-    head = ["budget", "ratio"] + [f"{LABELS[m]} {SHORT[k]}" for m in methods for k in RATIO_METRICS]
+    head = ["budget", "ratio"] + [f"{label(m)} {SHORT[k]}" for m in methods for k in RATIO_METRICS]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for b in budgets:
         row = [str(b), f"{100 * b / meta['users']:.2f}%"] + [_fmt(curve[m][b][k]) for m in methods for k in RATIO_METRICS]
@@ -408,7 +459,7 @@ def plot_results(path: Path, summaries: dict[int, dict], meta: dict[str, Any]) -
                 means = [summary[method][m]["mean"] for m in metrics]
                 stds = [summary[method][m]["std"] for m in metrics]
                 ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
-                       label=LABELS[method], color="0.6" if method == FULL else None,
+                       label=label(method), color="0.6" if method == FULL else None,
                        hatch="//" if method == FULL else None)
             ax.set_xticks(x, [SHORT[m] for m in metrics])
             ax.set_title(f"{'Recall' if kind == 'recall' else 'NDCG'}, budget {budget} of {meta['users']} users")
@@ -431,7 +482,7 @@ def plot_ratio(path: Path, budgets: list[int], methods: list[str], curve: dict, 
         for method in methods:
             ax.errorbar(ratios, [curve[method][b][metric]["mean"] for b in budgets],
                         yerr=[curve[method][b][metric]["std"] for b in budgets], marker="o", capsize=3,
-                        label=LABELS[method])
+                        label=label(method))
         ax.axhline(full[metric]["mean"], color="0.4", linestyle="--", label="full data")
         ax.axhspan(full[metric]["mean"] - full[metric]["std"], full[metric]["mean"] + full[metric]["std"],
                    color="0.8", alpha=0.5)
@@ -530,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = _cells_for(args.methods, seeds, budgets, ds.n_users)
     cells += [Cell(m, s, b) for s in seeds for b in ratio_budgets for m in args.ratio_methods]
     cells = list(dict.fromkeys(cells))  # ratio points at a table budget are the table's cells
+    cells, sharded = _shard(cells, args.shard)
 
     bar, status = _status_bar(len(cells), not args.no_progress)
     ctx = Context(ds, args, out, Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
@@ -539,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     if done is None:
         return 130
     results, resumed = done
+    if sharded:
+        log.info("shard %s: %d cells done in %.1fs; run without --shard to write the reports", args.shard,
+                 len(cells), time.perf_counter() - t0)
+        return 0
 
     report = write_reports(args, ds, out, ctx.device, seeds, budgets, ratio_budgets, results, resumed, time.perf_counter() - t0)
     log.info("wrote %s in %.1fs (%d cells, %d from the cell cache)", out, time.perf_counter() - t0, len(cells),
@@ -546,6 +602,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         _print_summary(report["summary"][str(budgets[0])])
     return 0
+
+
+def _shard(cells: list, spec: str | None) -> tuple[list, bool]:
+    """Every N-th cell from I for `--shard I/N` (whole list and False without it)."""
+    if not spec:
+        return cells, False
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"quality: error: --shard '{spec}' is not I/N with 0 <= I < N") from None
+    return cells[i::n], True
 
 
 def _run_cells(cells: list, run: Callable, log_one: Callable, bar, kept_in: Path) -> tuple[dict, set] | None:
@@ -583,7 +652,8 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
 
     out = _out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
-    cells = llm_level.llm_cells(args.methods, seeds, budgets, with_base=not args.no_base)
+    all_cells = llm_level.llm_cells(args.methods, seeds, budgets, with_base=not args.no_base and not args.nll_only)
+    cells, sharded = _shard(all_cells, args.shard)
     bar, status = _status_bar(len(cells), not args.no_progress)
     ctx = Context(ds, args, out, Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
                   resolve_device(args.device), status)
@@ -593,9 +663,10 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
         return list(cell["selected"])
 
     def log_one(cell, r: dict, was_cached: bool) -> None:
-        log.info("LLM level %s%s: R@20 %.4f N@20 %.4f over %d users (fine-tune %s, generate %.0fs)",
-                 cell.label(), " [from cell cache]" if was_cached else "", r["metrics"]["recall@20"],
-                 r["metrics"]["ndcg@20"], r["metrics"]["users"],
+        m = r["metrics"]
+        log.info("LLM level %s%s: R@20 %s N@20 %s NLL %s over %d users (fine-tune %s, generate %.0fs)",
+                 cell.label(), " [from cell cache]" if was_cached else "",
+                 *(f"{m[k]:.4f}" if k in m else "-" for k in ("recall@20", "ndcg@20", "nll")), m["users"],
                  f"{r['finetune']['train_seconds']:.0f}s" if r["finetune"] else "-",
                  r["eval_seconds"].get("generate", 0.0))
 
@@ -604,8 +675,12 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
     if done is None:
         return 130
     results, resumed = done
+    if sharded:
+        log.info("shard %s: %d LLM cells done in %.1fs; run without --shard to write the reports", args.shard,
+                 len(cells), time.perf_counter() - t0)
+        return 0
     report = llm_level.write_llm_reports(args, ds, out, ctx.device, seeds, budgets, args.methods, results, resumed,
-                                         time.perf_counter() - t0, LABELS)
+                                         time.perf_counter() - t0, label)
     log.info("wrote %s in %.1fs (%d LLM cells, %d from the cell cache)", out / "llm.md", time.perf_counter() - t0,
              len(cells), len(resumed))
     if args.json:

@@ -221,5 +221,13 @@ class LLMEvalConfig(_Strict):
     nll: bool = True
     # Run the prompt prefix shared by every test user once (exact; a speed setting).
     share_prefix: bool = True
+    # False: no generation and no grounding, only the NLL (a cheap screening signal; needs `nll`).
+    generate: bool = True
 
-    added_later: ClassVar[frozenset[str]] = frozenset({"nll", "share_prefix"})
+    added_later: ClassVar[frozenset[str]] = frozenset({"nll", "share_prefix", "generate"})
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> "LLMEvalConfig":
+        if not self.generate and not self.nll:
+            raise ValueError("an evaluation without generation needs nll")
+        return self

@@ -249,3 +249,15 @@ def test_cli_bad_input_is_one_message_and_exit_2(workspace, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--data", str(data), "--out", str(tmp_path / "e")])  # neither --adapter nor --base-only
     assert exc.value.code == 2
+
+
+def test_nll_only_evaluation_generates_nothing(tiny):
+    tok, model, ds = tiny
+    full = evaluate_llm(model, tok, ds, LLMEvalConfig(num_beams=1, max_new_tokens=3, test_users=6))
+    only = evaluate_llm(model, tok, ds, LLMEvalConfig(generate=False, test_users=6))
+    assert set(only["metrics"]) == {"users", "nll"} and only["metrics"]["users"] == 6
+    assert only["metrics"]["nll"] == pytest.approx(full["metrics"]["nll"], rel=1e-5)
+    assert [p["nll"] for p in only["predictions"]] == pytest.approx([p["nll"] for p in full["predictions"]], rel=1e-5)
+    assert "generated" not in only["predictions"][0] and only["generation"]["new_tokens"] == 0
+    with pytest.raises(ValueError, match="needs nll"):
+        LLMEvalConfig(generate=False, nll=False)

@@ -131,12 +131,12 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     argv = ["--data", str(data_dir), "--llm-eval", "--llm", str(llm), "--methods", "random,el2n", "--budgets", "12",
             "--epochs", "2", "--llm-epochs", "2", "--llm-batch-size", "4", "--test-users", "9", "--num-beams", "2",
             "--max-new-tokens", "3", "--threads", "1", "--out", str(out), "--cache-dir", str(cache), "--no-progress",
-            "--json"]
+            "--reference", "el2n", "--json"]
 
     assert quality.main(argv) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(first) == ["base", "random", "el2n"]
-    assert all(set(row) == METRICS for row in first.values())
+    assert all(set(row) == METRICS | {"nll"} for row in first.values())
     for name in ("llm.md", "llm.png", "llm.json"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "llm.json").read_text())
@@ -150,19 +150,28 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
         # The selection fine-tuned on is the surrogate-level cell's.
         sel = json.loads(next((out / "cells").glob(f"{method}-seed0-b12-*.json")).read_text())["selected"]
         assert len(sel) == 12
-    [pair] = report["paired"]["12"]
+    pair, pooled = report["paired"]["12"]
     assert pair["a"] == "random" and pair["b"] == "el2n" and pair["users"] == 9
     lo, hi = pair["recall@20"]["ci95"]
     assert lo <= pair["recall@20"]["diff"] <= hi
-    saved = [json.loads(p.read_text()) for p in sorted((out / "llm-cells").glob("*.json"))]
+    # One seed: the pooled row is that seed's.
+    assert pooled["seed"] == "all" and pooled["recall@20"]["diff"] == pair["recall@20"]["diff"]
+    assert pooled["nll"]["diff"] == pytest.approx(pair["nll"]["diff"])
+    assert all(u["nll"] > 0 and u["answer_tokens"] >= 1 for c in saved_cells(out) for u in c["users"])
+    saved = saved_cells(out)
     assert len({tuple(u["user"] for u in c["users"]) for c in saved}) == 1  # the same test users in every row
     assert len(list((cache / "bench-llm").glob("*/adapter/adapter_config.json"))) == 2
     table = (out / "llm.md").read_text()
-    assert "--llm-eval" in table and "| Random vs EL2N | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
+    assert "--llm-eval" in table and "| Random | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
+    assert "| Random | **all** | 9 |" in table and "NLL difference" in table
 
     assert quality.main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
     assert all(c["from_cell_cache"] for c in json.loads((out / "llm.json").read_text())["cells"])
+
+
+def saved_cells(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "llm-cells").glob("*.json"))]
 
 
 def test_paired_bootstrap():
@@ -178,3 +187,53 @@ def test_paired_bootstrap():
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_not_better"] == 1.0
     with pytest.raises(ValueError, match="same"):
         paired_bootstrap(a, np.zeros(3))
+
+
+def test_paired_bootstrap_pools_seeds_by_user_and_lower_is_better():
+    from bench.llm_level import paired_bootstrap
+
+    a = np.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # (seeds, users)
+    b = np.zeros((2, 3))
+    res = paired_bootstrap(a, b, samples=2000)
+    assert res["diff"] == pytest.approx(0.5)  # users' seed means 1, 0, 0.5
+    low = paired_bootstrap(-a, b, samples=2000, lower_is_better=True)  # lower NLL is better
+    assert low["diff"] == pytest.approx(-0.5) and low["p_not_better"] == pytest.approx(res["p_not_better"])
+
+
+def test_variant_specs_build_their_config_and_keep_the_plain_keys():
+    quality = _quality_module()
+    args = quality.parse_args(["--data", "d", "--methods", "dealrec,dealrec+resp+resid+robust,influence+hp=0"])
+    assert args.methods == ["dealrec", "dealrec+resp+resid+robust", "influence+hp=0"]
+    cfg = quality.prune_config(args, "dealrec+resp+resid+robust+lam=1", 1, 100)
+    assert (cfg.selection.method, cfg.effort.loss, cfg.effort.length_correction, cfg.selection.normalize,
+            cfg.selection.lam) == ("dealrec", "response", "residual", "robust", 1.0)
+    assert quality.prune_config(args, "influence+hp=0", 0, 100).selection.hard_prune == 0.0
+    assert quality.prune_config(args, "dealrec", 0, 100) == quality.prune_config(quality.parse_args(["--data", "d"]),
+                                                                                  "dealrec", 0, 100)
+    assert quality.label("dealrec+resp+lam=1") == "DEALRec (response loss, λ 1)"
+    for bad in ("dealrec+nope", "nomethod", "dealrec+lam=x"):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--data", "d", "--methods", bad])
+
+
+@pytest.mark.games
+def test_committed_cells_keep_their_keys():
+    """The committed 10,000-user cells are found under the keys today's code computes (a new option at
+    its default must not move them)."""
+    games = ROOT.parent / "shared" / "datasets" / "games"
+    if not games.is_dir():
+        pytest.skip(f"needs the Games dataset at {games}")
+    quality = _quality_module()
+    from bench import llm_level
+
+    out = ROOT / "bench" / "results" / "quality-10000"
+    ds = load_dataset(games, limit_users=10000)
+    args = quality.parse_args(["--data", str(games), "--limit-users", "10000"])
+    for method in quality.METHODS:
+        for seed in range(3):
+            assert quality.Cell(method, seed, 1024).path(out, ds, args).is_file(), (method, seed)
+    llm_args = quality.parse_args(["--data", str(games), "--limit-users", "10000", "--llm-eval"])
+    for method in ("dealrec", "random"):
+        selected = json.loads(quality.Cell(method, 0, 1024).path(out, ds, args).read_text())["selected"]
+        key = llm_level.LLMCell(method, 0, 1024).key(ds, llm_args, selected)
+        assert list((out / "llm-cells").glob(f"{method}-seed0-b1024-{key}.json")), method

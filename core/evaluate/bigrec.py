@@ -199,11 +199,11 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     dev = torch.device(device)
     times: dict[str, float] = {}
     users = select_test_users(ds, cfg.test_users, cfg.seed)
-    if items is None:
+    if items is None and cfg.generate:  # without generation nothing is grounded
         t = time.perf_counter()
         items = item_embeddings(model, tokenizer, ds, cfg, device=dev, progress=progress, cancel=cancel)
         times["items"] = time.perf_counter() - t
-    if items.shape[0] != ds.n_items:
+    if items is not None and items.shape[0] != ds.n_items:
         raise ValueError(f"item embeddings have {items.shape[0]} rows for {ds.n_items} items")
 
     t = time.perf_counter()
@@ -214,10 +214,17 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     gen = generate_batched(model, tokenizer, prompts, answers, num_beams=cfg.num_beams,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=dev,
                            autocast=_autocast(cfg.precision, dev), share_prefix=cfg.share_prefix,
-                           progress=lambda f, m: _report(progress, "generate", f, m),
+                           generate=cfg.generate, progress=lambda f, m: _report(progress, "generate", f, m),
                            cancel=lambda: _check(cancel) or False)
     generated = gen.texts
     times["generate"] = time.perf_counter() - t
+    if not cfg.generate:
+        _report(progress, "ground", 1.0, "no generation")
+        return {"metrics": {"users": len(users), "nll": mean_nll(gen.nll)},
+                "predictions": [{"user": u, "user_id": ds.user_ids[u], "targets": list(ds.test[u]),
+                                 "nll": gen.nll[r], "answer_tokens": gen.answer_tokens[r]}
+                                for r, u in enumerate(users)],
+                "seconds": times, "generation": {"new_tokens": 0, "seconds": gen.seconds, "tokens_per_second": 0.0}}
 
     t = time.perf_counter()
     with _base_only(model, cfg.embed_with == "base"):
@@ -294,13 +301,13 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
 
     items = None
     path = None
-    if cache_dir is not None and use_cache and (cfg.embed_with == "base" or not cfg.adapter):
+    if cache_dir is not None and use_cache and cfg.generate and (cfg.embed_with == "base" or not cfg.adapter):
         path = Path(cache_dir) / cache_key("items-bigrec", llm=source.key(), titles=titles_digest(ds)) / "items.npz"
         got = load_arrays(path)
         if got is not None and got["emb"].shape[0] == ds.n_items:
             items = torch.from_numpy(got["emb"])
             _report(progress, "items", 1.0, "from cache")
-    if items is None:
+    if items is None and cfg.generate:
         t = time.perf_counter()
         items = item_embeddings(model, tokenizer, ds, cfg, device=dev, progress=progress, cancel=cancel)
         item_seconds = time.perf_counter() - t
