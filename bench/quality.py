@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores available)")
     ap.add_argument("--cache-dir", default=None, help="core's cache (default $DEALREC_CACHE_DIR or ~/.cache/dealrec)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/quality-<limit-users>)")
+    ap.add_argument("--report", default="results",
+                    help="name of the surrogate-level report files in OUT (results: results.md/.png/.json); the "
+                         "cells are shared by every report of OUT")
     ap.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
     ap.add_argument("--backfill", action="store_true",
                     help="give finished cells without scores and diagnostics those (selects again from core's cache "
@@ -700,8 +703,8 @@ def write_reports(args, ds, out: Path, device, seeds, budgets, ratio_budgets, re
             "finished": time.strftime("%Y-%m-%d %H:%M")}
     summaries = {b: summarize(results, args.methods, seeds, b, ds.n_users) for b in budgets}
     times = {b: timings(results, args.methods, seeds, b, ds.n_users) for b in budgets}
-    (out / "results.md").write_text(results_md(args, meta, budgets, summaries, times, results, resumed))
-    plot_results(out / "results.png", summaries, meta)
+    (out / f"{args.report}.md").write_text(results_md(args, meta, budgets, summaries, times, results, resumed))
+    plot_results(out / f"{args.report}.png", summaries, meta)
     report: dict[str, Any] = {
         "command": command_line(args), "data": str(args.data), "limit_users": args.limit_users, **meta,
         "budgets": budgets, "methods": args.methods, "wall_seconds": round(seconds, 1),
@@ -719,7 +722,7 @@ def write_reports(args, ds, out: Path, device, seeds, budgets, ratio_budgets, re
         plot_ratio(out / "ratio.png", ratio_budgets, args.ratio_methods, curve, full, meta)
         report["ratio"] = {"budgets": ratio_budgets, "methods": args.ratio_methods,
                            "summary": {m: {str(b): v for b, v in c.items()} for m, c in curve.items()}}
-    atomic_write_bytes(out / "results.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / f"{args.report}.json", json.dumps(report, indent=1).encode())
     return report
 
 
