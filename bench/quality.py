@@ -94,9 +94,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="name of the surrogate-level report files in OUT (results: results.md/.png/.json); the "
                          "cells are shared by every report of OUT")
     ap.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
-    ap.add_argument("--backfill", action="store_true",
-                    help="give finished cells without scores and diagnostics those (selects again from core's cache "
-                         "and checks the selection is the recorded one)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run only every N-th cell starting at I (0-based): one process per core, then one run "
                          "without --shard assembles the reports from the cells")
@@ -221,9 +218,6 @@ def run_cell(cell: Cell, ctx: Context) -> tuple[dict[str, Any], bool]:
     """The cell's result (from OUT/cells when finished earlier) and whether it came from there."""
     path = cell.path(ctx.out, ctx.ds, ctx.args)
     if not ctx.args.fresh and (done := load_cell(path)) is not None:
-        if ctx.args.backfill and cell.method != FULL and "diagnostics" not in done:
-            done = backfill_cell(cell, ctx, done)
-            save_cell(path, done)
         return done, True
     result = full_cell(cell, ctx) if cell.method == FULL else pruned_cell(cell, ctx)
     save_cell(path, result)
@@ -271,20 +265,6 @@ def _score_refs(out: Path, pruned) -> dict[str, Any]:
             atomic_write_bytes(out / rel, buf.getvalue())
         refs[name] = rel
     return {"scores": refs, "diagnostics": pruned.diagnostics}
-
-
-def backfill_cell(cell: Cell, ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
-    """A cell finished before cells kept their scores and diagnostics: select again (from core's
-    cache when warm), check the selection is the recorded one, and add the scores and diagnostics."""
-    from core.pipeline import run_prune
-
-    pruned = run_prune(ctx.ds, cell.cfg(ctx.args), device=ctx.args.device, cache_dir=ctx.cache_dir,
-                       progress=lambda stage, frac, msg="": ctx.status(f"backfill {cell.method} s{cell.seed} {stage}"))
-    again = [int(u) for u in pruned.selection.selected]
-    if again != record["selected"]:
-        raise RuntimeError(f"{cell.method} seed {cell.seed} budget {cell.budget}: selecting again gave another "
-                           f"selection than the recorded one ({len(set(again) ^ set(record['selected']))} differ)")
-    return {**record, **_score_refs(ctx.out, pruned)}
 
 
 def full_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
