@@ -14,9 +14,10 @@ import pytest
 from core.data import DataError, RecDataset, detect_format, load_dataset
 from core.data import precheck as precheck_module
 from core.data.dealrec_layout import load_dealrec_layout
-from core.data.interactions import delimited_field_at, load_interaction_log, read_text
+from core.data.interactions import load_interaction_log
 from core.data.precheck import check_utf8, precheck
 from core.data.recbole import load_recbole
+from core.data.tables import delimited_field_at, read_text
 
 GAMES = Path(__file__).resolve().parents[1].parent / "shared/datasets/games"
 

@@ -20,7 +20,8 @@ from typing import Callable
 
 from core.data.dataset import RecDataset
 from core.data.errors import DataError
-from core.data.interactions import clean_title, read_table, read_text
+from core.data.tables import read_table, read_text
+from core.data.values import clean_title
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,10 @@ from core.data.dataset import RecDataset
 from core.data.dealrec_layout import (ITEMS_FILE, TEST_FILE, TRAIN_FILE, USERS_FILE, VALID_FILE,
                                       load_dealrec_layout)
 from core.data.errors import DataError
-from core.data.interactions import TABLE_EXTENSIONS, Split, check_split, load_interaction_log
+from core.data.interactions import load_interaction_log
 from core.data.recbole import load_recbole
+from core.data.split import Split, check_split
+from core.data.tables import TABLE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 header fields written `name:type` (`user_id:token`, `timestamp:float`, `title:token_seq`, ...).
 
 The files are read as plain tab-separated text, as RecBole reads them: quotes are ordinary characters.
-Splitting is the one implementation in `interactions.py`.
+Splitting is the one implementation in `split.py`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 from core.data.dataset import RecDataset
 from core.data.errors import DataError
-from core.data.interactions import (LOG_COLUMNS, Split, Table, build_dataset, check_split, read_interactions,
-                                    read_items, read_table)
+from core.data.interactions import LOG_COLUMNS, read_interactions, read_items
+from core.data.split import Split, build_dataset, check_split
+from core.data.tables import Table, read_table
 
 logger = logging.getLogger(__name__)
 
