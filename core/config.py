@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -116,7 +116,7 @@ class EffortConfig(_Strict):
 class SelectionConfig(_Strict):
     """Coverage-enhanced sample selection (Games reference: lambda 0.3, 50 strata, hard prune 0.1)."""
 
-    method: Literal["dealrec", "random", "grand", "el2n", "ccs", "influence", "effort", "greedy"] = "dealrec"
+    method: str = "dealrec"  # a name in the registry (core/selection/methods.py)
     budget: int = Field(1024, ge=1)
     lam: float = Field(0.3, ge=0.0, alias="lambda")
     strata: int = Field(50, ge=1)
@@ -131,6 +131,16 @@ class SelectionConfig(_Strict):
     added_later: ClassVar[frozenset[str]] = frozenset({"normalize"})
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # Imported here: the registry's methods are built on this config (core.selection imports it).
+        from core.selection.methods import method_names
+
+        if name not in method_names():
+            raise ValueError(f"unknown method '{name}'; expected one of {', '.join(method_names())}")
+        return name
 
 
 class PruneConfig(_Strict):

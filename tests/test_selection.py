@@ -270,7 +270,10 @@ def test_required_scores() -> None:
     assert required_scores("grand") == {"grand"}
     assert required_scores("el2n") == {"el2n"}
     assert required_scores("random") == set()
-    assert set(METHODS) == set(SelectionConfig.model_fields["method"].annotation.__args__)
+    # The config accepts exactly the registry's methods (it reads the registry, no list of its own).
+    assert all(SelectionConfig(method=m).method == m for m in METHODS)
+    with pytest.raises(ValueError, match="unknown method"):
+        SelectionConfig(method="tf-dcon")
     with pytest.raises(ValueError, match="unknown"):
         required_scores("tf-dcon")
 
