@@ -51,11 +51,15 @@ from bench.common import fmt_mean_std as _fmt
 from bench.common import pyplot as _pyplot
 from core.cache import atomic_write_bytes, cache_key, default_cache_dir
 from core.config import PruneConfig, key_dump
+from core.selection.methods import method_names
 from core.data.dataset import RecDataset
 
 log = logging.getLogger("bench.quality")
 
-METHODS = ("random", "grand", "el2n", "ccs", "dealrec", "influence", "effort", "greedy")
+# The registry's methods (core/selection/methods.py), the paper's table order first.
+PAPER_ORDER = ("random", "grand", "el2n", "ccs", "dealrec", "influence", "effort", "greedy")
+METHODS = tuple(sorted(method_names(), key=lambda m: (PAPER_ORDER.index(m) if m in PAPER_ORDER else len(PAPER_ORDER),
+                                                      m)))
 FULL = "full"  # the full-data reference row
 RATIO_METRICS = ("recall@20", "ndcg@20")
 LABELS = {FULL: "full data", "random": "Random", "grand": "GraNd", "el2n": "EL2N", "ccs": "CCS",
@@ -143,30 +147,32 @@ def label(method: str) -> str:
 
 def parse_budgets(text: str, n_samples: int) -> list[int]:
     """Counts (`1024`) or ratios of the samples (`0.02`), as `dealrec prune --budget` reads them."""
+    from core.params import parse_budget
+
     budgets = []
     for part in _csv(text):
-        value = float(part)
-        if 0 < value < 1:
-            budgets.append(max(1, int(value * n_samples)))
-        elif value >= 1 and value == int(value):
-            budgets.append(int(value))
-        else:
-            raise SystemExit(f"quality: error: budget '{part}' is neither a count nor a ratio in (0, 1)")
+        try:
+            budgets.append(parse_budget(part, n_samples))
+        except ValueError as exc:
+            raise SystemExit(f"quality: error: budget '{part}': {exc}") from None
     return list(dict.fromkeys(budgets))
 
 
 def prune_config(args: argparse.Namespace, method: str, seed: int, budget: int) -> PruneConfig:
-    """The configuration `dealrec prune --method M --budget B --seed S` builds (core/cli.py
-    build_config): the seed drives the surrogate, influence and selection; the effort config keeps
-    its default seed, so the LLM effort scores are one cache entry shared by every seed and method."""
+    """The configuration `dealrec prune --method M --budget B --seed S` builds (core.params.resolve,
+    as the CLI calls it): the seed drives the surrogate, influence and selection; the effort config
+    keeps its default seed, so the LLM effort scores are one cache entry shared by every seed and
+    method. A variant spec's options (bench/variants.py) are overrides like the CLI's flags."""
+    from core.params import PruneOverrides, resolve
+
     base, overrides = variants.parse(method, METHODS)
-    raw: dict[str, Any] = {
-        "seed": seed,
-        "selection": {"method": base, "budget": budget, "seed": seed, **overrides.get("selection", {})},
-        "surrogate": {} if args.epochs is None else {"epochs": args.epochs},
-        "effort": {"llm": args.llm, "device": args.device, "precision": args.precision, **overrides.get("effort", {})},
-    }
-    return PruneConfig.model_validate(raw)
+    sel, effort = overrides.get("selection", {}), overrides.get("effort", {})
+    return resolve(PruneOverrides(
+        method=base, budget=budget, seed=seed, lam=sel.get("lambda"), strata=sel.get("strata"),
+        hard_prune=sel.get("hard_prune"), normalize=sel.get("normalize"),
+        surrogate={} if args.epochs is None else {"epochs": args.epochs}, llm=args.llm, device=args.device,
+        precision=args.precision, effort_loss=effort.get("loss"),
+        effort_length_correction=effort.get("length_correction")), n_samples=budget)  # a count: N does not enter
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,19 +24,6 @@ class UsageError(ValueError):
     pass
 
 
-def parse_budget(text: str, n_samples: int) -> int:
-    """`N` (a count) or `RATIO` in (0, 1) of the samples, e.g. 0.02."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"--budget '{text}' is neither a count nor a ratio") from None
-    if 0 < value < 1:
-        return max(1, int(value * n_samples))
-    if value >= 1 and value == int(value):
-        return int(value)
-    raise UsageError(f"--budget '{text}' must be a whole number >= 1 or a ratio between 0 and 1")
-
-
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -46,6 +33,8 @@ def available_cores() -> int:
 
 def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
     """The core commands; `extra_commands(subparsers)` may add more (the service adds serve and worker)."""
+    from core.selection.methods import get_method, method_names
+
     p = argparse.ArgumentParser(prog="dealrec", description="DEALRec data pruning for LLM-based recommenders.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,8 +63,8 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     pr = sub.add_parser("prune", help="score and select training samples")
     data_args(pr)
     pr.add_argument("--budget", default="1024", help="samples to select: a count, or a ratio such as 0.02")
-    pr.add_argument("--method", default="dealrec",
-                    choices=["dealrec", "random", "grand", "el2n", "ccs", "influence", "effort", "greedy"])
+    pr.add_argument("--method", default="dealrec", choices=method_names(),
+                    help="; ".join(f"{m}: {get_method(m).summary}" for m in method_names()))
     pr.add_argument("--lambda", dest="lam", type=float, default=None, help="effort weight (Games: 0.3)")
     pr.add_argument("--strata", type=int, default=None, help="number of strata k (50)")
     pr.add_argument("--hard-prune", type=float, default=None, help="share of highest scores dropped (0.1)")
@@ -151,25 +140,29 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     return p
 
 
-def build_config(args: argparse.Namespace, n_samples: int):
-    from core.config import PruneConfig
+def prune_overrides(args: argparse.Namespace):
+    """The run `dealrec prune`'s flags describe (core.params resolves it against the dataset)."""
+    from core.params import PruneOverrides, without_none
 
-    def pick(**kw):
-        return {k: v for k, v in kw.items() if v is not None}
+    return PruneOverrides(
+        method=args.method, budget=args.budget, seed=args.seed, lam=args.lam, strata=args.strata,
+        hard_prune=args.hard_prune, normalize=args.normalize, surrogate=without_none(epochs=args.epochs),
+        influence=without_none(solver=args.solver), llm=args.llm, gguf_file=args.gguf_file, adapter=args.adapter,
+        device=args.device, precision=args.precision, cutoff_len=args.cutoff_len,
+        effort_processes=args.effort_processes, effort_loss=args.effort_loss,
+        effort_length_correction=args.effort_length_correction)
 
-    raw = {
-        "seed": args.seed,
-        "selection": {"method": args.method, "budget": parse_budget(args.budget, n_samples), "seed": args.seed,
-                      **pick(**{"lambda": args.lam}, strata=args.strata, hard_prune=args.hard_prune,
-                             normalize=args.normalize)},
-        "surrogate": pick(epochs=args.epochs),
-        "influence": pick(solver=args.solver),
-        "effort": {"llm": args.llm, "device": args.device, "precision": args.precision,
-                   **pick(gguf_file=args.gguf_file, adapter=args.adapter, cutoff_len=args.cutoff_len,
-                          processes=args.effort_processes, loss=args.effort_loss,
-                          length_correction=args.effort_length_correction)},
-    }
-    return _validated(PruneConfig, raw)
+
+# A parameter error names the flag that set it, where there is one.
+FLAGS = {"selection.budget": "--budget", "selection.method": "--method", "selection.lambda": "--lambda",
+         "selection.strata": "--strata", "selection.hard_prune": "--hard-prune", "seed": "--seed",
+         "surrogate.epochs": "--epochs", "effort.cutoff_len": "--cutoff-len", "effort.processes": "--effort-processes"}
+
+
+def _usage(exc) -> UsageError:
+    """A core.params.ParamsError as the CLI says it: the flag when one set the field."""
+    flag = FLAGS.get(exc.field)
+    return UsageError(f"{flag} {exc.message}" if flag else f"invalid parameter {exc.field}: {exc.message}")
 
 
 class _Bars:
@@ -225,7 +218,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     load_stage: dict = {}
     with StageTimer(load_stage, "load"):
         ds = load_dataset(args.data, fmt=args.format, split=args.split, limit_users=args.limit_users)
-    cfg = build_config(args, ds.n_users)
+    from core.params import ParamsError, resolve
+
+    try:
+        cfg = resolve(prune_overrides(args), ds.n_users)
+    except ParamsError as exc:
+        raise _usage(exc) from None
     from core.effort.llm import resolve_llm
     from core.selection import required_scores
 
@@ -276,17 +274,13 @@ def _summary(result, paths) -> None:
         out.write(f"wrote {path}\n")
 
 
-def _pick(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
 def _validated(model, raw: dict):
+    from core.params import ParamsError, validated
+
     try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise UsageError(f"invalid parameter {where}: {first['msg']}") from None
+        return validated(model, raw)
+    except ParamsError as exc:
+        raise _usage(exc) from None
 
 
 def read_selection(folder: Path) -> dict:
@@ -314,6 +308,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from core.data import load_dataset
     from core.effort.llm import resolve_llm
     from core.finetune import FinetuneError, check_out_dir, run_finetune
+    from core.params import without_none
 
     sel = read_selection(Path(args.selection))
     limit = sel["limit_users"]
@@ -326,7 +321,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _validated(FinetuneConfig, {
         "llm": llm, "device": args.device, "precision": args.precision, "seed": args.seed,
         "train_on_inputs": not args.no_train_on_inputs,
-        **_pick(gguf_file=gguf_file, adapter=args.adapter, epochs=args.epochs, lr=args.lr,
+        **without_none(gguf_file=gguf_file, adapter=args.adapter, epochs=args.epochs, lr=args.lr,
                 batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps,
                 patience=args.patience, cutoff_len=args.cutoff_len, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)})
@@ -381,6 +376,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.effort.llm import LLMError, resolve_llm
     from core.evaluate.bigrec import run_evaluate
     from core.finetune import read_meta
+    from core.params import without_none
 
     llm, gguf_file = args.llm, args.gguf_file
     if args.adapter:
@@ -394,7 +390,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _validated(LLMEvalConfig, {
         "llm": llm or "auto", "adapter": args.adapter, "device": args.device, "precision": args.precision,
         "seed": args.seed, "exclude_seen": args.exclude_seen,
-        **_pick(gguf_file=gguf_file, test_users=args.test_users, num_beams=args.num_beams,
+        **without_none(gguf_file=gguf_file, test_users=args.test_users, num_beams=args.num_beams,
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cutoff_len=args.cutoff_len,
                 embed_with=args.embed_with)})
     resolve_llm(cfg.llm, cfg.gguf_file)

@@ -109,13 +109,14 @@ def test_surrogate_level_treats_the_selection_as_a_set(data_dir):
 def test_bench_config_is_the_cli_config(method, seed):
     """The bench selects with exactly what `dealrec prune --method M --seed S --budget B` would use, so
     it shares core's cached surrogate, influence and effort with CLI runs (effort: one entry for all seeds)."""
-    from core.cli import build_config, build_parser
+    from core.cli import build_parser, prune_overrides
+    from core.params import resolve
 
     quality = _quality_module()
     cli_args = build_parser().parse_args(["prune", "--data", "d", "--out", "o", "--method", method,
                                           "--seed", str(seed), "--budget", "256", "--epochs", "7"])
     bench_args = quality.parse_args(["--data", "d", "--epochs", "7"])
-    assert quality.prune_config(bench_args, method, seed, 256) == build_config(cli_args, n_samples=1000)
+    assert quality.prune_config(bench_args, method, seed, 256) == resolve(prune_overrides(cli_args), n_samples=1000)
     assert quality.prune_config(bench_args, method, seed, 256).effort == quality.prune_config(bench_args, method, 0,
                                                                                                256).effort
 

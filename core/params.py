@@ -1,0 +1,140 @@
+"""The one way from caller-level settings to a validated `PruneConfig`.
+
+The CLI's flags, a REST request and a bench cell all describe a run the same way: a method, a
+budget (a count or a ratio of the samples), a seed, and a few overrides of the paper's defaults.
+They build `PruneOverrides` (flat and all optional: None = the default) and call `resolve` once the
+number of samples is known. The budget rule, the method's own defaults and the first-error message
+live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core.config import PruneConfig
+
+
+class ParamsError(ValueError):
+    """A parameter that cannot be used; `field` names it (dotted, e.g. "selection.budget")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+def first_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> ParamsError:
+    """A pydantic error as one message naming its field (the first problem is the one to fix first)."""
+    first = exc.errors()[0]
+    field = ".".join([*prefix, *(str(x) for x in first["loc"])])
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return ParamsError(field, message)
+
+
+def validated(model: type[BaseModel], raw: dict[str, Any], prefix: tuple[str, ...] = ()) -> Any:
+    """`model.model_validate(raw)`, a ValidationError becoming a ParamsError."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise first_error(exc, prefix) from None
+
+
+def without_none(**values: Any) -> dict[str, Any]:
+    """The given keyword arguments that are set (None = leave the default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def check_budget(value: int | float | str) -> int | float:
+    """A budget as the user wrote it: a whole count >= 1, or a ratio of the samples in (0, 1).
+    Returns an int (count) or a float (ratio); raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number >= 1 or a ratio between 0 and 1")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"'{value}' is neither a count nor a ratio") from None
+    if isinstance(value, float):
+        if 0 < value < 1:
+            return value
+        if value >= 1 and value == int(value):
+            return int(value)
+        raise ValueError("must be a whole number >= 1 or a ratio between 0 and 1")
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return int(value)
+
+
+def parse_budget(value: int | float | str, n_samples: int) -> int:
+    """The number of samples a budget asks for: a count as is, a ratio r as max(1, int(r * N))."""
+    budget = check_budget(value)
+    return max(1, int(budget * n_samples)) if isinstance(budget, float) else budget
+
+
+class PruneOverrides(BaseModel):
+    """What a caller may set for one pruning run; None everywhere means the paper's defaults.
+    `surrogate` and `influence` take any fields of those configs."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: str = "dealrec"
+    budget: int | float | str = 1024
+    seed: int = 0
+    # selection
+    lam: float | None = Field(None, alias="lambda")
+    strata: int | None = None
+    hard_prune: float | None = None
+    normalize: Literal["minmax", "rank", "robust"] | None = None
+    # stages before it
+    surrogate: dict[str, Any] = Field(default_factory=dict)
+    influence: dict[str, Any] = Field(default_factory=dict)
+    # effort
+    llm: str | None = None
+    gguf_file: str | None = None
+    adapter: str | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    precision: Literal["auto", "fp32", "bf16"] | None = None
+    cutoff_len: int | None = None
+    effort_processes: int | None = None
+    effort_loss: Literal["prompt", "response"] | None = None
+    effort_length_correction: Literal["none", "residual"] | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+
+
+def resolve(overrides: PruneOverrides, n_samples: int) -> PruneConfig:
+    """The `PruneConfig` of a run on `n_samples` samples: the method's own defaults (its registry
+    entry) beneath the caller's overrides, the budget resolved against N, one seed for every stage
+    but the effort (whose LoRA seed stays the default, so the effort scores are shared by all seeds).
+    Raises ParamsError naming the first bad field."""
+    from core.selection.methods import get_method
+
+    o = overrides
+    try:
+        method = get_method(o.method)
+    except ValueError as exc:
+        raise ParamsError("selection.method", str(exc)) from None
+    try:
+        budget = parse_budget(o.budget, n_samples)
+    except ValueError as exc:
+        raise ParamsError("selection.budget", str(exc)) from None
+    defaults = {k: dict(v) for k, v in method.defaults.items()}
+    raw = {
+        "seed": o.seed,
+        "selection": {**defaults.get("selection", {}), "method": o.method, "budget": budget, "seed": o.seed,
+                      **without_none(**{"lambda": o.lam}, strata=o.strata, hard_prune=o.hard_prune,
+                                     normalize=o.normalize)},
+        "surrogate": {**defaults.get("surrogate", {}), **o.surrogate},
+        "influence": {**defaults.get("influence", {}), **o.influence},
+        "effort": {**defaults.get("effort", {}),
+                   **without_none(llm=o.llm, gguf_file=o.gguf_file, adapter=o.adapter, device=o.device,
+                                  precision=o.precision, cutoff_len=o.cutoff_len, processes=o.effort_processes,
+                                  loss=o.effort_loss, length_correction=o.effort_length_correction,
+                                  lora_r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout)},
+    }
+    return validated(PruneConfig, raw)
