@@ -17,7 +17,7 @@ from typing import IO, Callable, Iterator
 
 from app.errors import ApiError
 from app.filenames import refused_magic, safe_name
-from worker.models import FileInfo
+from worker.service.records import FileInfo
 
 CHUNK = 1 << 20
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import Request
 
 from app.errors import ApiError
-from worker.config import ConfigError, Settings
+from worker.service.settings import ConfigError, Settings
 
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ANONYMOUS = "default"  # the one tenant when auth is disabled

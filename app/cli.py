@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from app.auth import load_keys
-        from worker.config import ConfigError, Settings
+        from worker.service.settings import ConfigError, Settings
     except ImportError as exc:
         raise UsageError(f"'dealrec serve' needs the service extras (pip install 'dealrec[service]'): {exc}") from None
     try:

@@ -1,4 +1,4 @@
-"""What every request handler needs, built once per application: settings, store, storage, Celery."""
+"""What every request handler needs, built once per application: settings, the job store, the files, Celery."""
 
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ from fastapi import Request
 
 from app.errors import ApiError
 from worker.celery_app import make_celery
-from worker.config import Settings
-from worker.storage import Storage
-from worker.store import Store, connect, is_valid_id
+from worker.service.settings import Settings
+from worker.service.files import Files
+from worker.service.jobstore import JobStore, connect, is_valid_id
 
 
 @dataclass
 class ServiceContext:
     settings: Settings
-    store: Store
-    storage: Storage
+    store: JobStore
+    files: Files
     celery: Celery
     broker: redis.Redis  # for queue depths; the store's client when broker and store share a Redis
     llms: dict[str, str]
 
     @classmethod
     def build(cls, settings: Settings) -> "ServiceContext":
-        store = Store.from_settings(settings)
+        store = JobStore.from_settings(settings)
         broker = store.r if settings.broker == settings.redis_url else connect(settings.broker)
-        return cls(settings, store, Storage(settings.data_dir), make_celery(settings), broker,
+        return cls(settings, store, Files(settings.data_dir), make_celery(settings), broker,
                    settings.llm_choices())
 
 

@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.errors import DataError
-from worker.store import StoreError
+from worker.service.jobstore import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from app import errors
 from app.auth import Authenticator, load_keys
 from app.context import ServiceContext
 from app.routes import datasets, jobs, ops
-from worker.config import Settings
+from worker.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

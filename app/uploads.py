@@ -16,7 +16,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
 from app.filenames import refused_magic, safe_name
-from worker.models import FileInfo
+from worker.service.records import FileInfo
 
 FIELD = "files"
 # Room for multipart boundaries and headers on top of the files themselves.

@@ -136,7 +136,7 @@ class Service:
         return proc
 
     def start(self) -> None:
-        from worker.store import connect
+        from worker.service.jobstore import connect
 
         connect(self.args.redis_url).ping()  # a clear error before anything starts
         log(f"redis {self.args.redis_url}, key prefix {self.prefix}, data {self.tmp / 'data'}")
@@ -172,9 +172,9 @@ class Service:
                 proc.kill()
                 proc.wait(timeout=10)
         try:
-            from worker.store import Store, connect
+            from worker.service.jobstore import JobStore, connect
 
-            n = Store(connect(self.args.redis_url), self.prefix).delete_all()
+            n = JobStore(connect(self.args.redis_url), self.prefix).delete_all()
             log(f"deleted {n} Redis keys under {self.prefix}")
         except Exception as exc:  # noqa: BLE001 - cleanup reports, never masks the result
             log(f"Redis cleanup failed: {exc}")

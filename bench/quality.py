@@ -278,7 +278,7 @@ def full_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     exactly this model (same data, config, seed) for any surrogate-based method, so reuse its report
     when it is there; train it otherwise."""
     from core.evaluate.surrogate import from_report, surrogate_level
-    from core.pipeline import surrogate_key
+    from core.stages.scoring import surrogate_key
     from core.surrogate.train import load_checkpoint
 
     cfg = cell.cfg(ctx.args)
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.data import DataError, load_dataset
     from core.effort.llm import LLMError, resolve_llm
-    from core.pipeline import resolve_device
+    from core.device import resolve_device
 
     torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
     if args.skipped:
@@ -637,7 +637,7 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets: list[int], t0: float) -> int:
     """--llm-eval: the LLM-level rows (bench/llm_level.py); selections from the surrogate-level cells."""
-    from core.pipeline import resolve_device
+    from core.device import resolve_device
 
     out = _out_dir(args)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,10 @@ from core.effort.llm import attach_lora, load_base_model, resolve_llm  # noqa: E
 from core.effort.prompts import tokenize_samples  # noqa: E402
 from core.effort.score import EffortScorer, effort_reference, find_target  # noqa: E402
 from core.influence import fixed_negatives, per_sample_grads, per_sample_grads_loop, samples_with_loss  # noqa: E402
-from core.pipeline import StageTimer, effort_precision, effort_settings, resolve_device, run_prune  # noqa: E402
+from core.device import resolve_device  # noqa: E402
+from core.instrument import StageTimer  # noqa: E402
+from core.pipeline import run_prune  # noqa: E402
+from core.stages.scoring import effort_precision, effort_settings  # noqa: E402
 
 log = logging.getLogger("bench.stages")
 FULL_GAMES = 49_156

@@ -212,7 +212,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from core.data import load_dataset
     from core.outputs import write_outputs
-    from core.pipeline import StageTimer, bigrec_records, run_prune
+    from core.instrument import StageTimer
+    from core.pipeline import run_prune
+    from core.stages.select import bigrec_records
 
     torch.set_num_threads(max(1, args.threads or available_cores()))
     load_stage: dict = {}

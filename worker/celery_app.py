@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from worker.config import Settings, get_settings
+from worker.service.settings import Settings, get_settings
 
 QUEUES = ("cpu", "gpu")
 TASK_VALIDATE = "worker.tasks.validate_dataset"

@@ -13,21 +13,19 @@ import time
 
 import redis
 
-from core.pipeline import STAGE_WEIGHTS
-from worker.store import Store
+from core.progress import stage_phases
+from worker.service.jobstore import JobStore
 
 log = logging.getLogger(__name__)
 
-# Fine-tuning and evaluation (optional) outweigh the whole selection on a CPU; rough shares.
-WEIGHTS = {**STAGE_WEIGHTS, "outputs": 0.01, "finetune": 1.0, "evaluate": 0.5}
-
 
 class JobReporter:
-    def __init__(self, store: Store, job_id: str, stages: list[str], completed: list[str],
+    def __init__(self, store: JobStore, job_id: str, stages: list[str], completed: list[str],
                  interval_s: float = 0.5) -> None:
         self.store = store
         self.job_id = job_id
         self.stages = stages  # the stages this job's method runs, in order
+        self.phases = stage_phases(stages)  # core's stage weights: one fraction for the whole job
         self.completed = list(completed)
         self.interval_s = interval_s
         self.current: str | None = None
@@ -37,16 +35,10 @@ class JobReporter:
         self._lock = threading.Lock()
 
     def overall(self, stage: str, frac: float) -> float:
-        total = sum(WEIGHTS.get(s, 0.01) for s in self.stages) or 1.0
-        done = 0.0
-        for s in self.stages:
-            if s == stage:
-                return min(1.0, (done + WEIGHTS.get(s, 0.01) * max(0.0, min(frac, 1.0))) / total)
-            done += WEIGHTS.get(s, 0.01)
-        return min(1.0, done / total)
+        return self.phases.fraction(stage, frac)
 
     def __call__(self, stage: str, frac: float, msg: str = "") -> None:
-        """core's ProgressFn. Store errors are logged, never raised: progress must not kill a job."""
+        """core's ProgressFn. JobStore errors are logged, never raised: progress must not kill a job."""
         with self._lock:
             try:
                 self._report(stage, frac, msg)
@@ -89,7 +81,7 @@ class CancelCheck:
     """core's CancelFn: True when the client cancelled, the worker lost the job's lock, or the job
     ran past its time limit. `reason` says which."""
 
-    def __init__(self, store: Store, job_id: str, lost: threading.Event, deadline: float, poll_s: float = 0.25) -> None:
+    def __init__(self, store: JobStore, job_id: str, lost: threading.Event, deadline: float, poll_s: float = 0.25) -> None:
         self.store = store
         self.job_id = job_id
         self.lost = lost

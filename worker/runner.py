@@ -6,7 +6,11 @@ tasks, each running its queue's stages in a row and then handing the job to the 
 stage writes its artifact atomically into core's content-addressed cache and records its path and
 completion in the job store before the next begins, so a task redelivered after its worker died
 resumes at the first unfinished stage, and a stage on another worker (another device, another
-precision) reads exactly the artifact the earlier stage wrote."""
+precision) reads exactly the artifact the earlier stage wrote.
+
+The stages and their order are core's (`core.stages`): this module runs them through the one stage
+protocol and adds only what a job needs around them (the job record, the events, the job's files,
+the result a client sees)."""
 
 from __future__ import annotations
 
@@ -19,39 +23,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core.cache import load_arrays
 from core.data import DataError, load_dataset
+from core.device import resolve_device
 from core.effort.llm import LLMError
-from core.effort.prompts import PromptTemplate
 from core.effort.score import EffortCancelled
 from core.influence import SolverDiverged
-from core.outputs import write_outputs
-from core.diagnostics import selection_diagnostics
-from core.pipeline import (SCORE_ARRAYS, PruneResult, StageRecord, StageTimer, bigrec_records, effort_stage,
-                           influence_stage, prompt_token_counts, resolve_device, selection_stage, surrogate_stage)
-from core.selection import required_scores
+from core.instrument import StageRecord, StageTimer
+from core.stages.base import ArtifactMissing, RunConfig, StageContext
+from core.stages.run import run_stage
 from core.surrogate.train import Cancelled
-from worker.config import Settings
-from worker.models import JobRecord
-from worker.params import PruneRequest, to_config, to_eval_config, to_finetune_config
-from worker.plan import next_segment, request_stages
 from worker.progress import CancelCheck, JobReporter
-from worker.storage import Storage
-from worker.store import JobLock, Store, StoreError
+from worker.service.files import Files
+from worker.service.jobstore import JobLock, JobStore, StoreError
+from worker.service.plan import next_segment, request_stages
+from worker.service.records import JobRecord
+from worker.service.requests import PruneRequest, to_config, to_eval_config, to_finetune_config
+from worker.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
     """Raised by the runner itself when it sees the cancel flag outside core's loops."""
-
-
-class ArtifactMissing(RuntimeError):
-    """An earlier stage's recorded artifact is gone from the cache (e.g. the cache was cleared)."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +71,9 @@ def describe(info: dict) -> str:
 
 
 class JobRunner:
-    def __init__(self, store: Store, storage: Storage, settings: Settings, job_id: str, lock: JobLock) -> None:
+    def __init__(self, store: JobStore, files: Files, settings: Settings, job_id: str, lock: JobLock) -> None:
         self.store = store
-        self.storage = storage
+        self.files = files
         self.settings = settings
         self.job_id = job_id
         self.lock = lock
@@ -131,7 +127,7 @@ class JobRunner:
             return Outcome("abandoned")
         if reason == "time_limit":
             return self.fail("time_limit", f"a task of the job ran longer than {self.settings.task_time_limit_s} s")
-        self.storage.remove(self.storage.job_dir(self.job_id))
+        self.files.remove(self.files.job_dir(self.job_id))
         try:
             self.store.transition(self.job_id, "cancelled", stage=None, handoff=None,
                                   error={"code": "cancelled", "message": "cancelled by request"})
@@ -143,7 +139,7 @@ class JobRunner:
     def fail(self, code: str, message: str, **extra) -> Outcome:
         extra.pop("message", None)
         log.warning("job %s failed: %s: %s", self.job_id, code, message)
-        self.storage.remove(self.storage.job_dir(self.job_id))
+        self.files.remove(self.files.job_dir(self.job_id))
         try:
             self.store.transition(self.job_id, "failed", handoff=None,
                                   error={"code": code, "message": message, **extra})
@@ -163,19 +159,19 @@ class _Segment:
         self.job, self.req, self.stages, self.segment, self.queue = job, req, stages, segment, queue
         self.completed = list(job.completed_stages)
         self.reused = list(job.reused_stages)
-        self.artifacts = dict(job.artifacts)
+        self.artifacts = dict(job.artifacts)  # stage -> path relative to the cache root
         self.effort_info = dict(job.effort_info or {})
         self.timings = {k: v.model_dump() for k, v in job.stages.items()}
-        self.records: dict[str, StageRecord] = {}  # this task's stage timings
         self.reporter = JobReporter(self.store, self.job_id, stages, self.completed, self.settings.progress_interval_s)
         self.cancel = CancelCheck(self.store, self.job_id, runner.lock.lost,
                                   time.monotonic() + self.settings.task_time_limit_s)
-        self.files = runner.storage.dataset_files(job.dataset_id)
-        self.dev = resolve_device(self.settings.device)
+        self.dataset_dir = runner.files.dataset_files(job.dataset_id)
+        self.job_dir = runner.files.job_dir(self.job_id)
         self.cache = self.settings.cache_root
-        self.model = None  # the surrogate, once trained or loaded in this task
-        self.scores: dict[str, np.ndarray] = {}
-        self.selection = None
+        self.ctx = StageContext(device=resolve_device(self.settings.device), cache_dir=self.cache,
+                                progress=self.reporter, cancel=self.cancel, out_dir=self.job_dir,
+                                adapter_dir=self.job_dir / "adapter",
+                                artifacts={k: self.cache / v for k, v in self.artifacts.items()})
         self.result: dict = dict(job.result or {})  # what the client sees once the job succeeded
         self.tmp: Path | None = None
 
@@ -189,7 +185,7 @@ class _Segment:
                     continue
                 if self.cancel():
                     raise JobCancelled()
-                getattr(self, f"_{stage}")()
+                self._stage(stage)
                 last = stage == self.stages[-1]
                 self._complete(stage, final=last)
                 if last:
@@ -201,7 +197,7 @@ class _Segment:
         except (Cancelled, EffortCancelled, JobCancelled):
             return self.r.stopped(self.cancel.reason or "cancelled")
         except DataError as exc:
-            info = relative_error(exc, self.files)
+            info = relative_error(exc, self.dataset_dir)
             return self.r.fail("invalid_dataset", describe(info), **info)
         except LLMError as exc:
             return self.r.fail("llm_unavailable", str(exc))
@@ -223,7 +219,7 @@ class _Segment:
             return self.r.fail("internal_error", f"{type(exc).__name__}: {exc}")
         finally:
             if self.tmp is not None:
-                self.r.storage.remove(self.tmp)
+                self.r.files.remove(self.tmp)
 
     # ------------------------------------------------------------------ stages
 
@@ -233,133 +229,87 @@ class _Segment:
         if first:
             self.reporter("load", 0.0, "loading the dataset")
         dataset = self.store.get_dataset(self.job.dataset_id)
-        with StageTimer(self.records, "load"):
-            self.ds = load_dataset(self.files, fmt=(dataset.format if dataset and dataset.format else "auto"),
+        with StageTimer(self.ctx.records, "load"):
+            self.ds = load_dataset(self.dataset_dir, fmt=(dataset.format if dataset and dataset.format else "auto"),
                                    split=self.req.split, limit_users=self.req.limit_users)
-        llm_path = self.settings.llm_choices().get(self.req.params.effort.llm, "auto")
-        self.cfg = to_config(self.req, self.ds.n_users, device=self.settings.device, llm_path=llm_path)
+        llm_path = self._llm_path()
+        prune = to_config(self.req, self.ds.n_users, device=self.settings.device, llm_path=llm_path)
+        finetune = evaluate = None
+        if self.req.finetune is not None:
+            finetune = to_finetune_config(self.req, device=self.settings.device, llm_path=llm_path)
+            if self.req.finetune.evaluate is not None:
+                evaluate = to_eval_config(self.req, str(self.ctx.adapter_dir), device=self.settings.device,
+                                          llm_path=llm_path)
+        self.cfg = RunConfig(prune, finetune, evaluate, self.req.limit_users)
+        self.ctx.state["finetune_extra_meta"] = {"job_id": self.job_id}
         if first:
-            params = {**self.cfg.model_dump(mode="json", by_alias=True), "limit_users": self.req.limit_users,
+            params = {**prune.model_dump(mode="json", by_alias=True), "limit_users": self.req.limit_users,
                       "split": self.req.split}
             params["effort"]["llm"] = self.req.params.effort.llm  # the name the client used, not a server path
             self.store.update_job(self.job_id, allowed=["running"], params=params)
             self.reporter("load", 1.0, f"{self.ds.n_users} users, {self.ds.n_items} items")
             self._complete("load")
         else:
-            self.records.pop("load")
+            self.ctx.records.pop("load")
 
-    def _progress(self, stage: str):
-        return lambda frac, msg="": self.reporter(stage, frac, msg)
+    _STARTING = {"surrogate": "training the surrogate", "influence": "scoring influence",
+                 "effort": "scoring effort with the LLM", "selection": "selecting",
+                 "finetune": "fine-tuning the LLM on the selection", "evaluate": "evaluating the fine-tuned LLM"}
 
-    def _surrogate(self) -> None:
-        self.reporter("surrogate", 0.0, "training the surrogate")
-        self.model, _, path = surrogate_stage(self.ds, self.cfg, self.dev, self.cache, self.records,
-                                              self._progress("surrogate"), self.cancel)
-        self.artifacts["surrogate"] = self._rel(path)
+    def _stage(self, stage: str) -> None:
+        """One of core's stages through the stage protocol, with what the job adds around it."""
+        if stage in self._STARTING:
+            self.reporter(stage, 0.0, self._STARTING[stage])
+        surrogate_in_memory = "surrogate" in self.ctx.state
+        if stage == "outputs":
+            # Written aside, published whole: a client never sees half the files.
+            self.tmp = self.r.files.tmp_dir(f"job-{self.job_id}")
+            self.ctx.out_dir = self.tmp
+        elif stage == "finetune":
+            self.r.files.remove(self.ctx.adapter_dir)  # a partial one from a worker that died
+        out = run_stage(stage, self.ds, self.cfg, self.ctx)
+        if stage in ("surrogate", "influence", "effort") and out.artifact is not None:
+            self.artifacts[stage] = str(Path(out.artifact).relative_to(self.cache))
+        if stage == "influence" and not surrogate_in_memory and "surrogate" not in self.reused:
+            self.reused.append("surrogate")  # trained by an earlier task: loaded from its checkpoint
+        if stage == "effort":
+            self.effort_info = dict(self.ctx.state.get("effort_info") or {})
+        elif stage == "outputs":
+            self._publish()
+        elif stage == "finetune":
+            self._finetune_result()
+        elif stage == "evaluate":
+            self._evaluate_result()
 
-    def _influence(self) -> None:
-        if self.model is None:  # trained by an earlier task: load its checkpoint
-            self.model, _, path = surrogate_stage(self.ds, self.cfg, self.dev, self.cache, {}, None, self.cancel)
-            self.artifacts["surrogate"] = self._rel(path)
-            if "surrogate" not in self.reused:
-                self.reused.append("surrogate")
-        self.reporter("influence", 0.0, "scoring influence")
-        arrays, path = influence_stage(self.model, self.ds, self.cfg, self.dev, self.cache, self.records,
-                                       self._progress("influence"), self.cancel)
-        self.scores.update(arrays)
-        self.artifacts["influence"] = self._rel(path)
-
-    def _effort(self) -> None:
-        self.reporter("effort", 0.0, "scoring effort with the LLM")
-        effort, info, path, tokens = effort_stage(self.ds, self.cfg.effort, self.dev, self.cache, PromptTemplate(),
-                                                  self.records, self._progress("effort"), self.cancel)
-        self.scores["effort"] = effort
-        self.scores["prompt_tokens"] = tokens
-        self.effort_info = info
-        self.artifacts["effort"] = self._rel(path)
-
-    def _selection(self) -> None:
-        self.reporter("selection", 0.0, "selecting")
-        self._read_scores()
-        self.selection = selection_stage(self.ds, self.cfg, self.scores, self.records, self._progress("selection"))
-
-    def _outputs(self) -> None:
-        if self.selection is None:  # resumed between selection and outputs: selecting again is cheap
-            self._read_scores()
-            self.selection = selection_stage(self.ds, self.cfg, self.scores, {}, None)
-        self.reporter("outputs", 0.0, "writing the outputs")
-        if "prompt_tokens" not in self.scores:
-            self.scores["prompt_tokens"] = prompt_token_counts(self.ds, self.cfg.effort, self.cache)
-        diagnostics = selection_diagnostics(self.ds, self.selection, self.scores, self.scores["prompt_tokens"])
-        result = PruneResult(self.ds, self.cfg, self.selection, self.scores, self.records, None, self.effort_info,
-                             diagnostics)
-        records = bigrec_records(self.ds, self.selection.selected, self.cfg.effort, self.cache)
-        if self.cancel():
-            raise JobCancelled()
-        self.tmp = self.r.storage.tmp_dir(f"job-{self.job_id}")
-        with StageTimer(self.records, "outputs"):
-            write_outputs(result, self.tmp, records, self.req.limit_users)
+    def _publish(self) -> None:
         if self.cancel():  # last look before the outputs become visible
             raise JobCancelled()
-        self.r.storage.publish(self.tmp, self.r.storage.job_dir(self.job_id))
+        self.r.files.publish(self.tmp, self.job_dir)
         self.tmp = None
-        self.reporter("outputs", 1.0, "outputs written")
-        n = len(self.selection.selected)
-        self.result = {"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.selection.budget,
-                       "notes": list(self.selection.notes), "dataset_fingerprint": self.ds.fingerprint,
+        self.ctx.out_dir = self.job_dir
+        selection = self.ctx.state["selection"]
+        n = len(selection.selected)
+        self.result = {"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.prune.selection.budget,
+                       "notes": list(selection.notes), "dataset_fingerprint": self.ds.fingerprint,
                        "effort": self._effort_summary()}
         self.store.add_event(self.job_id, f"selected {n} of {self.ds.n_users} samples", n_selected=n,
                              reused_stages=self.reused)
 
-    def _selected_indices(self) -> list[int]:
-        """The selection this job published (fine-tuning may run in a later task than selection)."""
-        if self.selection is not None:
-            return [int(i) for i in self.selection.selected]
-        path = self.r.storage.job_file(self.job_id, "selection.json")
-        try:
-            return [int(s["index"]) for s in json.loads(path.read_text())["selected"]]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ArtifactMissing(f"the selection of this job is no longer stored ({exc})") from None
-
-    def _finetune(self) -> None:
-        from core.finetune import run_finetune
-
-        self.reporter("finetune", 0.0, "fine-tuning the LLM on the selection")
-        cfg = to_finetune_config(self.req, device=self.settings.device, llm_path=self._llm_path())
-        job_dir = self.r.storage.job_dir(self.job_id)
-        adapter = job_dir / "adapter"
-        self.r.storage.remove(adapter)  # a partial one from a worker that died
-        with StageTimer(self.records, "finetune"):
-            meta = run_finetune(self.ds, self._selected_indices(), cfg, adapter, cache_dir=self.cache,
-                                progress=self._progress("finetune"), cancel=self.cancel,
-                                extra_meta={"job_id": self.job_id})
-            _tar_atomically(adapter, job_dir / "adapter.tar.gz")
+    def _finetune_result(self) -> None:
+        _tar_atomically(self.ctx.adapter_dir, self.job_dir / "adapter.tar.gz")
+        meta = dict(self.ctx.state["finetune"])
         meta["base_model"] = {k: v for k, v in meta["base_model"].items() if k != "path"}  # no server paths
         self.result["finetune"] = {k: meta.get(k) for k in (
             "epochs_run", "best_epoch", "stopped_early", "steps", "train_samples", "valid_samples",
             "train_seconds", "seconds_per_sample", "precision", "selection_fingerprint", "base_model")}
         self.result["finetune"]["recipe"] = {k: v for k, v in meta["recipe"].items() if k not in ("llm", "adapter")}
 
-    def _evaluate(self) -> None:
-        from core.evaluate.bigrec import run_evaluate
-
-        adapter = self.r.storage.job_dir(self.job_id) / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise ArtifactMissing("the fine-tuned adapter of this job is no longer stored")
-        cfg = to_eval_config(self.req, str(adapter), device=self.settings.device, llm_path=self._llm_path())
-        spans = {"load": (0.0, 0.05), "items": (0.05, 0.35), "generate": (0.35, 0.95), "ground": (0.95, 1.0)}
-
-        def progress(part: str, frac: float, msg: str = "") -> None:
-            lo, hi = spans.get(part, (0.95, 1.0))
-            self.reporter("evaluate", lo + (hi - lo) * frac, f"{part}: {msg}" if msg else part)
-
-        self.reporter("evaluate", 0.0, "evaluating the fine-tuned LLM")
-        with StageTimer(self.records, "evaluate"):
-            out = run_evaluate(self.ds, cfg, cache_dir=self.cache, progress=progress, cancel=self.cancel)
-        metrics = dict(out["metrics"])  # recall@K, ndcg@K, users
-        tmp = self.r.storage.job_dir(self.job_id) / ".metrics.json.tmp"
+    def _evaluate_result(self) -> None:
+        out = self.ctx.state["evaluation"]
+        metrics = dict(out["metrics"])  # recall@K, ndcg@K, users, nll
+        tmp = self.job_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps({**metrics, "seconds": out.get("seconds")}, indent=2, default=float))
-        os.replace(tmp, self.r.storage.job_file(self.job_id, "metrics.json"))
+        os.replace(tmp, self.r.files.job_file(self.job_id, "metrics.json"))
         self.result["metrics"] = metrics
 
     def _effort_summary(self) -> dict | None:
@@ -382,29 +332,9 @@ class _Segment:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _read_scores(self) -> None:
-        """The scores the method needs, from the artifacts the earlier stages recorded."""
-        needed = required_scores(self.cfg.selection.method)
-        wanted = {"influence": SCORE_ARRAYS} if needed & set(SCORE_ARRAYS) else {}
-        if "effort" in needed:
-            wanted["effort"] = ("effort",)
-        for stage, names in wanted.items():
-            if all(n in self.scores for n in names):
-                continue
-            rel = self.artifacts.get(stage)
-            arrays = load_arrays(self.cache / rel) if rel else None
-            if arrays is None or any(n not in arrays for n in names):
-                raise ArtifactMissing(f"the {stage} scores of this job are no longer in the cache ({rel})")
-            self.scores.update({n: arrays[n] for n in names})
-            if stage == "effort" and "prompt_tokens" in arrays:
-                self.scores["prompt_tokens"] = arrays["prompt_tokens"]
-
-    def _rel(self, path: Path) -> str:
-        return str(Path(path).relative_to(self.cache))
-
     def _complete(self, stage: str, final: bool = False) -> None:
         """Record a finished stage: its timing, artifact and completion, in one write."""
-        rec = self.records.get(stage, StageRecord())
+        rec = self.ctx.records.get(stage, StageRecord())
         if rec.cached and stage not in self.reused:
             self.reused.append(stage)
         if not rec.cached and not rec.skipped:
@@ -430,6 +360,6 @@ def _tar_atomically(folder: Path, target: Path) -> None:
 
 
 def _now() -> str:
-    from worker.models import utcnow
+    from worker.service.records import utcnow
 
     return utcnow().isoformat()

@@ -17,17 +17,17 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from worker.celery_app import TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app
-from worker.config import get_settings
-from worker.storage import Storage
-from worker.store import Store
+from worker.service.settings import get_settings
+from worker.service.files import Files
+from worker.service.jobstore import JobStore
 
 log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
-def _context() -> tuple[Store, Storage]:
+def _context() -> tuple[JobStore, Files]:
     settings = get_settings()
-    return Store.from_settings(settings), Storage(settings.data_dir)
+    return JobStore.from_settings(settings), Files(settings.data_dir)
 
 
 @app.task(name=TASK_VALIDATE, bind=True, acks_late=True, time_limit=get_settings().validate_time_limit_s + 30,
@@ -35,8 +35,8 @@ def _context() -> tuple[Store, Storage]:
 def validate_dataset(self, dataset_id: str) -> str:
     from worker.validation import validate_dataset as validate
 
-    store, storage = _context()
-    return validate(store, storage, dataset_id)
+    store, files = _context()
+    return validate(store, files, dataset_id)
 
 
 @app.task(name=TASK_RUN, bind=True, acks_late=True, max_retries=None)
@@ -51,7 +51,7 @@ def run_job(self, job_id: str, queue: str) -> str:
     from worker.runner import JobRunner
 
     settings = get_settings()
-    store, storage = _context()
+    store, files = _context()
     job = store.get_job(job_id)
     if job is None or job.status not in ("queued", "running"):
         log.info("job %s: nothing to do (%s)", job_id, job.status if job else "expired")
@@ -63,7 +63,7 @@ def run_job(self, job_id: str, queue: str) -> str:
         raise self.retry(countdown=wait)
     try:
         with lock.keepalive():
-            outcome = JobRunner(store, storage, settings, job_id, lock).run(queue)
+            outcome = JobRunner(store, files, settings, job_id, lock).run(queue)
     except redis.RedisError as exc:
         # The store went away mid-job (the runner turns every other error into a job status).
         # Run it again later: finished stages are recorded, their artifacts are in the cache.
@@ -81,17 +81,17 @@ def run_job(self, job_id: str, queue: str) -> str:
 
 @app.task(name=TASK_SWEEP)
 def sweep_storage() -> int:
-    store, storage = _context()
-    return storage.sweep(store.job_exists, store.dataset_exists)
+    store, files = _context()
+    return files.sweep(store.job_exists, store.dataset_exists)
 
 
-def requeue_stalled_jobs(store: Store, settings, holder: str) -> list[str]:
-    """Send a task again for running jobs whose worker died (see Store.stalled_jobs): without this,
+def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
+    """Send a task again for running jobs whose worker died (see JobStore.stalled_jobs): without this,
     such a job waits for the broker to restore its unacked message, i.e. the visibility timeout
     (hours), or forever if the message was acknowledged as failed while Redis was away. A duplicate
     message is harmless: the job lock and the recorded stages make the second one a no-op."""
-    from worker.params import PruneRequest
-    from worker.plan import next_segment, request_stages
+    from worker.service.requests import PruneRequest
+    from worker.service.plan import next_segment, request_stages
 
     if not store.claim_reaper(holder, settings.lock_ttl_s):
         return []

@@ -6,26 +6,26 @@ from __future__ import annotations
 import logging
 
 from core.data import DataError, detect_format, load_dataset
-from worker.models import utcnow
+from worker.service.records import utcnow
 from worker.runner import describe, relative_error
-from worker.storage import Storage
-from worker.store import Store
+from worker.service.files import Files
+from worker.service.jobstore import JobStore
 
 log = logging.getLogger(__name__)
 
 
-def validate_dataset(store: Store, storage: Storage, dataset_id: str) -> str:
+def validate_dataset(store: JobStore, files: Files, dataset_id: str) -> str:
     """Returns the dataset's status afterwards. Only a `validating` dataset is examined, so a
     redelivered message does nothing twice."""
     rec = store.get_dataset(dataset_id)
     if rec is None or rec.status != "validating":
         return rec.status if rec else "missing"
-    files = storage.dataset_files(dataset_id)
+    folder = files.dataset_files(dataset_id)
     try:
-        fmt = detect_format(files)
-        ds = load_dataset(files, fmt=fmt)
+        fmt = detect_format(folder)
+        ds = load_dataset(folder, fmt=fmt)
     except DataError as exc:
-        info = relative_error(exc, files)
+        info = relative_error(exc, folder)
         error = {"code": "invalid_dataset", **info, "message": describe(info)}
         return _finish(store, dataset_id, "invalid", errors=[error])
     except OSError as exc:  # its str() names server paths; strerror does not
@@ -41,7 +41,7 @@ def validate_dataset(store: Store, storage: Storage, dataset_id: str) -> str:
     return _finish(store, dataset_id, "ready", format=fmt, statistics=stats, fingerprint=ds.fingerprint)
 
 
-def _finish(store: Store, dataset_id: str, status: str, **fields) -> str:
+def _finish(store: JobStore, dataset_id: str, status: str, **fields) -> str:
     ok = store.update_dataset(dataset_id, allowed=["validating"], status=status,
                               validated_at=utcnow().isoformat(), **fields)
     log.info("dataset %s: %s", dataset_id, status if ok else "changed meanwhile")

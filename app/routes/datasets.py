@@ -15,13 +15,13 @@ from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, invalid_dataset, not_found
 from app.filenames import is_archive
-from app.schemas import DatasetList, DatasetOut
+from worker.service.responses import DatasetList, DatasetOut
 from app.uploads import receive_files
 from core.data.errors import DataError
 from core.data.precheck import precheck
 from worker.celery_app import TASK_VALIDATE
-from worker.models import DatasetRecord
-from worker.store import new_id
+from worker.service.records import DatasetRecord
+from worker.service.jobstore import new_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["datasets"])
@@ -43,12 +43,12 @@ _UPLOAD_DOC = {
 async def upload_dataset(request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the dataset")
                          ) -> DatasetOut:
-    """Stream the files to storage and check their encoding and headers (a 400 naming the file, line
+    """Stream the files to files and check their encoding and headers (a 400 naming the file, line
     and field, and nothing stored); a worker then validates them in full (`validating` -> `ready` |
     `invalid`)."""
     ctx = get_ctx(request)
     s = ctx.settings
-    tmp = await run_in_threadpool(ctx.storage.tmp_dir, "upload")
+    tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
     try:
         raw = tmp / "raw"
         raw.mkdir()
@@ -66,7 +66,7 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
         await run_in_threadpool(_register, ctx, rec, tmp / "files")
         return DatasetOut.of(rec)
     finally:
-        await run_in_threadpool(ctx.storage.remove, tmp)
+        await run_in_threadpool(ctx.files.remove, tmp)
 
 
 def _precheck(folder: Path) -> None:
@@ -87,13 +87,13 @@ def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
     it held, and undone if the queue refuses the task."""
     ctx.store.create_dataset(rec)
     try:
-        final = ctx.storage.dataset_files(rec.id)
+        final = ctx.files.dataset_files(rec.id)
         final.parent.mkdir(parents=True, exist_ok=True)
-        ctx.storage.publish(files_dir, final)
+        ctx.files.publish(files_dir, final)
         ctx.celery.send_task(TASK_VALIDATE, args=[rec.id], queue="cpu")
     except Exception:
         ctx.store.delete_dataset(rec.tenant, rec.id)
-        ctx.storage.remove(ctx.storage.dataset_dir(rec.id))
+        ctx.files.remove(ctx.files.dataset_dir(rec.id))
         raise
 
 
@@ -123,5 +123,5 @@ def delete_dataset(dataset_id: str, request: Request, tenant: str = Depends(requ
         raise not_found("dataset", dataset_id)
     if outcome == "busy":
         raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by a queued or running job")
-    ctx.storage.remove(ctx.storage.dataset_dir(dataset_id))
+    ctx.files.remove(ctx.files.dataset_dir(dataset_id))
     return Response(status_code=204)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import ValidationError
 
 from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, not_found
-from app.schemas import EventList, JobList, JobOut
-from core.selection import required_scores
-from worker.celery_app import TASK_RUN
-from worker.plan import first_queue
-from worker.models import TERMINAL, JobRecord
-from worker.params import PruneRequest, to_config, to_finetune_config
-from worker.store import StoreError, new_id
+from worker.service.jobs import JobRequestError, create_prune_job
+from worker.service.jobstore import StoreError
+from worker.service.records import TERMINAL, JobRecord
+from worker.service.requests import PruneRequest
+from worker.service.responses import EventList, JobList, JobOut
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
@@ -45,50 +40,10 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
     them all once the worker has resolved the budget against the dataset."""
     ctx = get_ctx(request)
     checked_id("ds", req.dataset_id, "dataset")
-    dataset = ctx.store.get_dataset(req.dataset_id, tenant)
-    if dataset is None:
-        raise not_found("dataset", req.dataset_id)
-    if dataset.status != "ready":
-        raise ApiError(409, "dataset_not_ready", f"dataset {req.dataset_id} is {dataset.status}, not ready",
-                       dataset_status=dataset.status, errors=[e.model_dump() for e in dataset.errors] or None)
-    needs_llm = "effort" in required_scores(req.method) or req.finetune is not None
-    if needs_llm and req.params.effort.llm not in ctx.llms:
-        raise ApiError(422, "invalid_request", f"params.effort.llm: unknown model '{req.params.effort.llm}'; "
-                       f"this server offers {', '.join(sorted(ctx.llms))}", field="params.effort.llm")
-    n_users = int((dataset.statistics or {}).get("users", 1))
-    n_samples = min(n_users, req.limit_users) if req.limit_users else n_users
     try:
-        cfg = to_config(req, n_samples, device=ctx.settings.device)
-    except ValidationError as exc:  # cross-field rules of core's config
-        first = exc.errors()[0]
-        field = ".".join(str(x) for x in first["loc"])
-        raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None
-    if req.finetune is not None:
-        try:
-            to_finetune_config(req, device=ctx.settings.device)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(["finetune", *(str(x) for x in first["loc"])])
-            raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None
-    body = req.model_dump(mode="json", by_alias=True)
-    queue = first_queue(req.method, ctx.settings)
-    params = {**cfg.model_dump(mode="json", by_alias=True), "limit_users": req.limit_users, "split": req.split}
-    params["effort"]["llm"] = req.params.effort.llm
-    job = JobRecord(id=new_id("job"), tenant=tenant, dataset_id=req.dataset_id, queue=queue, request=body,
-                    params=params)
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    job, created = ctx.store.create_job(job, idempotency_key, digest)
-    if created:
-        # Before the task exists, so that it is the job's first event whatever the worker does.
-        ctx.store.add_event(job.id, "job queued", queue=queue)
-        try:
-            ctx.celery.send_task(TASK_RUN, args=[job.id, queue], queue=queue)
-        except Exception:
-            # Never leave a job queued that no worker will ever see.
-            ctx.store.transition(job.id, "failed", error={"code": "enqueue_failed",
-                                                          "message": "the task queue refused the job"})
-            ctx.store.add_event(job.id, "job failed: the task queue refused it", level="error")
-            raise
+        job, created = create_prune_job(ctx.store, ctx.celery, ctx.settings, ctx.llms, tenant, req, idempotency_key)
+    except JobRequestError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, **exc.extra) from None
     out = JobOut.of(job)
     return JSONResponse(out.model_dump(mode="json"), status_code=202 if created else 200,
                         headers={"Location": f"/v1/jobs/{job.id}",
@@ -132,7 +87,7 @@ def cancel_job(job_id: str, request: Request, tenant: str = Depends(require_tena
         before = ctx.store.request_cancel(job_id)
         if before == "running" and ctx.store.cancel_if_waiting(job_id, ctx.settings.lock_ttl_s):
             # Between two tasks: nothing runs it, so it ends now, with its partial outputs.
-            ctx.storage.remove(ctx.storage.job_dir(job_id))
+            ctx.files.remove(ctx.files.job_dir(job_id))
             ctx.store.add_event(job_id, "job cancelled", level="warning")
     except StoreError as exc:
         if exc.code == "invalid_transition":  # it finished in the meantime
@@ -150,7 +105,7 @@ def _artifact(ctx: ServiceContext, job_id: str, tenant: str, name: str, media: s
     if job.status != "succeeded":
         raise ApiError(409, "job_not_succeeded", f"job {job_id} is {job.status}; results exist once it succeeded",
                        status=job.status)
-    path = ctx.storage.job_file(job_id, name)
+    path = ctx.files.job_file(job_id, name)
     if not path.is_file():
         raise ApiError(404, "artifact_missing", f"{name} of job {job_id} is no longer stored")
     return FileResponse(path, media_type=media, filename=name)

@@ -279,7 +279,7 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
     Returns `evaluate_llm`'s result plus "params" (the resolved config, LLM identity, device)."""
     from core.cache import cache_key, load_arrays, save_arrays
     from core.effort.llm import LLMError, load_base_model, resolve_llm
-    from core.pipeline import resolve_device
+    from core.device import resolve_device
 
     t0 = time.perf_counter()
     source = resolve_llm(cfg.llm, cfg.gguf_file)

@@ -17,30 +17,14 @@ from core.influence.hessian import _HessianBuilder
 from core.influence.loss import (Cancel, Progress, _by_length, _make_batch, _max_len, _poll, effective_damping,
                                  fixed_negatives, samples_with_loss)
 from core.influence.solvers import conjugate_gradient, direct, lissa
+from core.progress import Phases
+
 
 def _el2n(model: nn.Module, hidden_last: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """|softmax(scores over items 1..n) - onehot(target)|_2 = sqrt(|p|^2 - 2 p_y + 1), no one-hot built."""
     p = torch.softmax(hidden_last @ model.item_embeddings.weight[1:].T, dim=-1)
     p_y = p.gather(1, (targets - 1).unsqueeze(1)).squeeze(1)
     return ((p * p).sum(1) - 2.0 * p_y + 1.0).clamp_min(0.0).sqrt()
-
-
-class _Stages:
-    """Maps each stage's own 0..1 progress onto the overall 0..1 range, with weights per stage."""
-
-    def __init__(self, progress: Progress | None, weights: dict[str, float]) -> None:
-        self.progress, self.weights = progress, weights
-        self.total = sum(weights.values())
-        self.done = 0.0
-
-    def stage(self, name: str) -> Progress:
-        base, width = self.done, self.weights[name]
-        self.done += width
-
-        def report(fraction: float, message: str) -> None:
-            if self.progress is not None:
-                self.progress(min(1.0, (base + width * min(max(fraction, 0.0), 1.0)) / self.total), message)
-        return report
 
 
 def influence_scores(model: nn.Module, ds: RecDataset, cfg: InfluenceConfig, seed: int,
@@ -72,12 +56,12 @@ def influence_scores(model: nn.Module, ds: RecDataset, cfg: InfluenceConfig, see
     samples = _by_length(ds, samples_with_loss(ds))
     builder = _HessianBuilder(model, ds, negatives, layer, samples, cfg.batch_size, device, None)
     # Rough relative costs of the stages, for one progress fraction across them.
-    stages = _Stages(progress, {"gradients": 3.0, "solve": {"lissa": 0.5, "cg": 2.0, "direct": 6.0}[cfg.solver],
-                                "scores": 0.05 if builder.fast else 2.0})
+    stages = Phases({"gradients": 3.0, "solve": {"lissa": 0.5, "cg": 2.0, "direct": 6.0}[cfg.solver],
+                     "scores": 0.05 if builder.fast else 2.0})
 
     # 1. One pass: v, GraNd, EL2N, and the rows (fast path) for the Hessian and the scores.
     t0 = time.perf_counter()
-    report = stages.stage("gradients")
+    report = stages.reporter("gradients", progress)
     v = torch.zeros_like(layer.weight)
     grand = torch.zeros(n_users, dtype=torch.float64, device=device)
     el2n = torch.zeros(n_users, dtype=torch.float64, device=device)
@@ -100,7 +84,7 @@ def influence_scores(model: nn.Module, ds: RecDataset, cfg: InfluenceConfig, see
 
     # 2. s = (H + lambda I)^-1 v
     t0 = time.perf_counter()
-    report = stages.stage("solve")
+    report = stages.reporter("solve", progress)
     solver_info: dict = {"effective_damping": lam, "fast_path": hessian.fast}
     if cfg.solver == "lissa":
         # `lissa_batch` is not an InfluenceConfig field (yet): 1 sample per step, as the reference.
@@ -119,7 +103,7 @@ def influence_scores(model: nn.Module, ds: RecDataset, cfg: InfluenceConfig, see
     # 3. influence(z) = <grad l(z), s>. The per-sample gradients are not kept (N x out x in floats: 800 MB
     #    on Games): the fast path has every sample's rows (x_r, g_r), the generic path makes a second pass.
     t0 = time.perf_counter()
-    report = stages.stage("scores")
+    report = stages.reporter("scores", progress)
     influence = torch.zeros(n_users, dtype=torch.float64, device=device)
     if hessian.fast:
         with torch.no_grad():

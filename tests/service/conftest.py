@@ -25,8 +25,8 @@ httpx = pytest.importorskip("httpx")
 redis = pytest.importorskip("redis")
 
 from svc_helpers import KEYS, LIVE, ApiServer, auth, read_tail  # noqa: E402
-from worker.config import Settings  # noqa: E402
-from worker.store import Store, connect  # noqa: E402
+from worker.service.settings import Settings  # noqa: E402
+from worker.service.jobstore import JobStore, connect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("DEALREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -69,7 +69,7 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "DEALREC_PING_TIMEOUT_S": "0.5",
     }
     yield env
-    Store(connect(REDIS_URL), prefix).delete_all()
+    JobStore(connect(REDIS_URL), prefix).delete_all()
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +78,8 @@ def settings(service_env) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def store(settings) -> Store:
-    return Store.from_settings(settings)
+def store(settings) -> JobStore:
+    return JobStore.from_settings(settings)
 
 
 class WorkerProcess:
@@ -87,7 +87,7 @@ class WorkerProcess:
 
     name = "worker"
 
-    def __init__(self, env: dict[str, str], log_dir: Path, store: Store) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, store: JobStore) -> None:
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         self.log_dir = log_dir
         self.store = store

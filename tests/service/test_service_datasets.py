@@ -11,7 +11,7 @@ import pytest
 
 from app.main import create_app
 from svc_helpers import KEYS, multipart, tiny_dataset, upload
-from worker.config import ConfigError, Settings
+from worker.service.settings import ConfigError, Settings
 
 
 def _count_datasets(api, tenant="acme") -> int:

@@ -236,9 +236,9 @@ def test_metrics(client, api, dataset):
 def test_stalled_running_job_is_requeued(api, dataset, store):
     """A running job that no worker holds and no queue carries (its worker died and its message is
     gone) is sent again by a worker's reaper and finishes."""
-    from worker.models import JobRecord
-    from worker.params import PruneRequest
-    from worker.store import new_id
+    from worker.service.records import JobRecord
+    from worker.service.requests import PruneRequest
+    from worker.service.jobstore import new_id
 
     req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random", "seed": 4})
     job = JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"], request=req.model_dump(mode="json", by_alias=True))
@@ -258,9 +258,9 @@ def test_stalled_running_job_is_requeued(api, dataset, store):
 
 def test_cancel_job_waiting_between_tasks_is_immediate(api, dataset, store, settings):
     """A running job handed to another queue (no worker holds it yet) is cancelled at once."""
-    from worker.models import JobRecord
-    from worker.params import PruneRequest
-    from worker.store import new_id
+    from worker.service.records import JobRecord
+    from worker.service.requests import PruneRequest
+    from worker.service.jobstore import new_id
 
     req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random"})
     job, _ = store.create_job(JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"],

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from svc_helpers import auth, free_port, multipart, tiny_dataset
-from worker.store import connect
+from worker.service.jobstore import connect
 
 
 class PrivateRedis:

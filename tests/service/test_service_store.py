@@ -8,26 +8,26 @@ import uuid
 
 import pytest
 
-from worker.models import DatasetRecord, JobRecord
-from worker.store import Store, StoreError, connect, is_valid_id, new_id
+from worker.service.records import DatasetRecord, JobRecord
+from worker.service.jobstore import JobStore, StoreError, connect, is_valid_id, new_id
 
 
 @pytest.fixture()
-def s(service_env) -> Store:
+def s(service_env) -> JobStore:
     # A prefix of its own: these tests never see (or clean) the API tests' keys.
-    store = Store(connect(service_env["DEALREC_REDIS_URL"]), f"{service_env['DEALREC_KEY_PREFIX']}u{uuid.uuid4().hex[:6]}:",
+    store = JobStore(connect(service_env["DEALREC_REDIS_URL"]), f"{service_env['DEALREC_KEY_PREFIX']}u{uuid.uuid4().hex[:6]}:",
                   job_ttl_s=120)
     yield store
     store.delete_all()
 
 
-def _ready_dataset(s: Store, tenant: str = "t1") -> DatasetRecord:
+def _ready_dataset(s: JobStore, tenant: str = "t1") -> DatasetRecord:
     ds = DatasetRecord(id=new_id("ds"), tenant=tenant, status="ready")
     s.create_dataset(ds)
     return ds
 
 
-def _job(s: Store, ds: DatasetRecord, **kw) -> JobRecord:
+def _job(s: JobStore, ds: DatasetRecord, **kw) -> JobRecord:
     job, created = s.create_job(JobRecord(id=new_id("job"), tenant=ds.tenant, dataset_id=ds.id), **kw)
     return job
 

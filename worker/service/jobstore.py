@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker.models import TERMINAL, TRANSITIONS, DatasetRecord, JobEvent, JobRecord, utcnow
+from worker.service.records import TERMINAL, TRANSITIONS, DatasetRecord, JobEvent, JobRecord, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _load(cls: type[R], raw: dict[str, str]) -> R | None:
     return cls.model_validate({k: json.loads(v) for k, v in raw.items()})
 
 
-class Store:
+class JobStore:
     """Datasets, jobs, events, idempotency keys, job locks and metrics in Redis."""
 
     def __init__(self, client: redis.Redis, prefix: str = "dealrec:", job_ttl_s: int = 7 * 24 * 3600) -> None:
@@ -185,7 +185,7 @@ class Store:
         self._release_lock = client.register_script(_RELEASE_LOCK)
 
     @classmethod
-    def from_settings(cls, settings) -> "Store":
+    def from_settings(cls, settings) -> "JobStore":
         return cls(connect(settings.redis_url), settings.key_prefix, settings.job_ttl_s)
 
     # ---- keys ---------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class Store:
     # ---- jobs ---------------------------------------------------------------------------------
     def create_job(self, rec: JobRecord, idempotency_key: str | None = None, request_hash: str = ""
                    ) -> tuple[JobRecord, bool]:
-        """Store a queued job; returns (job, created). With an idempotency key already used by this
+        """JobStore a queued job; returns (job, created). With an idempotency key already used by this
         tenant, returns the earlier job (created False) or raises `idempotency_conflict` when the
         earlier request differs."""
         idem_key = self._idem(rec.tenant, idempotency_key) if idempotency_key else self.key("idem", "-")
@@ -494,7 +494,7 @@ class JobLock:
     """Who runs a job. Taken with SET NX PX; a heartbeat thread renews it every ttl/3 while the
     worker runs, so it outlives any stage, yet frees itself within `ttl` of a worker's death."""
 
-    def __init__(self, store: Store, key: str, ttl_s: float) -> None:
+    def __init__(self, store: JobStore, key: str, ttl_s: float) -> None:
         self.store = store
         self.key = key
         self.ttl_ms = int(ttl_s * 1000)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from worker.store import is_valid_id
+from worker.service.jobstore import is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.json
              "metrics.json")
 
 
-class Storage:
+class Files:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 

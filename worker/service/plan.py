@@ -1,26 +1,18 @@
-"""Which stages a job runs, in order, and which Celery queue runs each (light: the API imports it)."""
+"""Which stages a job runs, in order, and which Celery queue runs each (light: the API imports it).
+
+The stages and their order are core's (`core.stages.stages_for`, from the method registry); this
+module only adds where each runs: the LLM stages on `Settings.llm_queue`, the rest on `cpu`."""
 
 from __future__ import annotations
 
-from core.selection import required_scores
-from worker.config import Settings
+from core.stages import stages_for
+from worker.service.settings import Settings
 
 
 def job_stages(method: str, finetune: bool = False, evaluate: bool = False) -> list[str]:
-    """The stages of a prune job: only those whose scores the method needs, then optionally
-    fine-tuning the LLM on the selection and evaluating it."""
-    needed = required_scores(method)
-    stages = ["load"]
-    if needed & {"influence", "grand", "el2n"}:
-        stages += ["surrogate", "influence"]
-    if "effort" in needed:
-        stages.append("effort")
-    stages += ["selection", "outputs"]
-    if finetune:
-        stages.append("finetune")
-        if evaluate:
-            stages.append("evaluate")
-    return stages
+    """The stages of a prune job: those whose scores the method needs, the selection and its output
+    files, then optionally fine-tuning the LLM on the selection and evaluating it."""
+    return stages_for(method, outputs=True, finetune=finetune, evaluate=evaluate)
 
 
 def request_stages(req) -> list[str]:

@@ -1,8 +1,8 @@
-"""The prune request (what `POST /v1/prune` accepts) and its translation into core's `PruneConfig`.
+"""The prune request (what `POST /v1/prune` accepts) and its translation into core's configs.
 
 Shared by the API (validation, 422s) and the worker (building the config), so both read one contract.
-The translation mirrors `core.cli.build_config`: the same request and seed give the same
-`PruneConfig`, hence the same selection as `dealrec prune`."""
+The translation is core's one resolver (`core.params.resolve`), the one `dealrec prune` uses: the
+same request and seed give the same `PruneConfig`, hence the same selection as the CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from core.config import FinetuneConfig, InfluenceConfig, LLMEvalConfig, PruneConfig, SurrogateConfig
+from core.params import PruneOverrides, check_budget, resolve, validated, without_none
+from core.selection.methods import method_names
 
-Method = Literal["dealrec", "random", "grand", "el2n", "ccs", "influence", "effort", "greedy"]
+# The registry's methods, as the schema's enum (core/selection/methods.py).
+Method = Literal[method_names()]
 
 
 class _Forbid(BaseModel):
@@ -94,60 +97,35 @@ class PruneRequest(_Forbid):
     @field_validator("budget")
     @classmethod
     def _budget(cls, v: int | float) -> int | float:
-        if isinstance(v, float):
-            if 0 < v < 1:
-                return v
-            if v >= 1 and v == int(v):
-                return int(v)
-            raise ValueError("must be a whole number >= 1 or a ratio between 0 and 1")
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
-
-
-def resolve_budget(budget: int | float, n_samples: int) -> int:
-    """As `dealrec prune --budget`: a ratio becomes max(1, int(ratio * N))."""
-    return max(1, int(budget * n_samples)) if isinstance(budget, float) else int(budget)
+        return check_budget(v)
 
 
 def to_config(req: PruneRequest, n_samples: int, *, device: str = "auto", llm_path: str = "auto") -> PruneConfig:
-    """The core configuration of a request, once the dataset's sample count is known."""
-    p = req.params
-
-    def pick(**kw: Any) -> dict[str, Any]:
-        return {k: v for k, v in kw.items() if v is not None}
-
-    e = p.effort
-    raw = {
-        "seed": req.seed,
-        "selection": {"method": req.method, "budget": resolve_budget(req.budget, n_samples), "seed": req.seed,
-                      **pick(**{"lambda": p.lam}, strata=p.strata, hard_prune=p.hard_prune, normalize=p.normalize)},
-        "surrogate": p.surrogate.model_dump(),
-        "influence": p.influence.model_dump(),
-        "effort": {"llm": llm_path, "device": device, "precision": e.precision,
-                   **pick(lora_r=e.lora_r, lora_alpha=e.lora_alpha, lora_dropout=e.lora_dropout,
-                          cutoff_len=e.cutoff_len, loss=e.loss, length_correction=e.length_correction)},
-    }
-    return PruneConfig.model_validate(raw)
-
-
-def _pick(**kw: Any) -> dict[str, Any]:
-    return {k: v for k, v in kw.items() if v is not None}
+    """The core configuration of a request, once the dataset's sample count is known (raises
+    core.params.ParamsError naming the field)."""
+    p, e = req.params, req.params.effort
+    return resolve(PruneOverrides(
+        method=req.method, budget=req.budget, seed=req.seed, lam=p.lam, strata=p.strata, hard_prune=p.hard_prune,
+        normalize=p.normalize, surrogate=p.surrogate.model_dump(), influence=p.influence.model_dump(), llm=llm_path,
+        device=device, precision=e.precision, cutoff_len=e.cutoff_len, effort_loss=e.loss,
+        effort_length_correction=e.length_correction, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
+        lora_dropout=e.lora_dropout), n_samples)
 
 
 def to_finetune_config(req: PruneRequest, *, device: str = "auto", llm_path: str = "auto") -> FinetuneConfig:
     """The fine-tuning recipe of a request: the job's LLM and seed, the request's overrides."""
     f = req.finetune or FinetuneParams()
-    return FinetuneConfig.model_validate({
+    return validated(FinetuneConfig, {
         "llm": llm_path, "device": device, "seed": req.seed,
-        **_pick(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, micro_batch_size=f.micro_batch_size,
-                warmup_steps=f.warmup_steps, patience=f.patience, cutoff_len=f.cutoff_len, lora_r=f.lora_r,
-                lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout)})
+        **without_none(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, micro_batch_size=f.micro_batch_size,
+                       warmup_steps=f.warmup_steps, patience=f.patience, cutoff_len=f.cutoff_len, lora_r=f.lora_r,
+                       lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout)}, ("finetune",))
 
 
 def to_eval_config(req: PruneRequest, adapter: str, *, device: str = "auto", llm_path: str = "auto") -> LLMEvalConfig:
     e = (req.finetune.evaluate if req.finetune else None) or EvaluateParams()
     cutoff = req.finetune.cutoff_len if req.finetune else None
-    return LLMEvalConfig.model_validate({
+    return validated(LLMEvalConfig, {
         "llm": llm_path, "adapter": adapter, "device": device, "seed": req.seed, "exclude_seen": e.exclude_seen,
-        **_pick(test_users=e.test_users, num_beams=e.num_beams, max_new_tokens=e.max_new_tokens, cutoff_len=cutoff)})
+        **without_none(test_users=e.test_users, num_beams=e.num_beams, max_new_tokens=e.max_new_tokens,
+                       cutoff_len=cutoff)}, ("finetune", "evaluate"))

@@ -1,4 +1,4 @@
-"""Response models of the /v1 API (the request model is `worker.params.PruneRequest`)."""
+"""Response models of the /v1 API (the request model is `worker.service.requests.PruneRequest`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from worker.models import DatasetRecord, ErrorInfo, FileInfo, JobEvent, JobRecord, StageTiming, utcnow
+from worker.service.records import DatasetRecord, ErrorInfo, FileInfo, JobEvent, JobRecord, StageTiming, utcnow
 
 
 class DatasetOut(BaseModel):
