@@ -12,8 +12,9 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from app.errors import ApiError
 from app.filenames import refused_magic, safe_name

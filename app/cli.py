@@ -51,7 +51,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not queues or unknown:
         raise UsageError(f"--queues must name cpu and/or gpu, not {', '.join(unknown) or 'nothing'}")
     if "gpu" in queues and args.pool == "prefork":
-        raise UsageError("a worker on the gpu queue must not fork after CUDA is initialised: use --pool solo or threads")
+        raise UsageError("a worker on the gpu queue must not fork after CUDA is initialised: "
+                         "use --pool solo or threads")
     try:
         from worker.celery_app import app
     except ImportError as exc:

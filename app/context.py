@@ -10,9 +10,9 @@ from fastapi import Request
 
 from app.errors import ApiError
 from worker.celery_app import make_celery
-from worker.service.settings import Settings
 from worker.service.files import Files
 from worker.service.jobstore import JobStore, connect, is_valid_id
+from worker.service.settings import Settings
 
 
 @dataclass
@@ -25,7 +25,7 @@ class ServiceContext:
     llms: dict[str, str]
 
     @classmethod
-    def build(cls, settings: Settings) -> "ServiceContext":
+    def build(cls, settings: Settings) -> ServiceContext:
         store = JobStore.from_settings(settings)
         broker = store.r if settings.broker == settings.redis_url else connect(settings.broker)
         return cls(settings, store, Files(settings.data_dir), make_celery(settings), broker,

@@ -84,7 +84,9 @@ class _Receiver:
             raise ApiError(400, "duplicate_file", f"two files named '{name}'", file=name)
         part.name = name
         part.path = self.dest / name
-        part.out = open(part.path, "xb")  # the name is ours: dest is a fresh private folder
+        # Open across the parser's callbacks (closed in `part_end` or on error): no `with` can span them.
+        # The name is ours: dest is a fresh private folder.
+        part.out = open(part.path, "xb")  # noqa: SIM115
 
     def data(self, data: bytes, start: int, end: int) -> None:
         part = self.part

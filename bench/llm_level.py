@@ -149,8 +149,9 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
         finetune = {k: meta[k] for k in ("train_samples", "valid_samples", "mean_train_tokens", "epochs_run",
                                          "best_epoch", "stopped_early", "steps", "history", "train_seconds",
                                          "seconds_per_sample", "precision", "device")}
-    result = run_evaluate(ctx.ds, eval_config(args, adapter), cache_dir=ctx.cache_dir,
-                          progress=lambda stage, f, m="": ctx.status(f"{cell.label()} eval {stage} {100 * f:.0f}%: {m}"))
+    result = run_evaluate(
+        ctx.ds, eval_config(args, adapter), cache_dir=ctx.cache_dir,
+        progress=lambda stage, f, m="": ctx.status(f"{cell.label()} eval {stage} {100 * f:.0f}%: {m}"))
     record = {
         "format": LLM_CELL_FORMAT, "method": cell.method, "seed": cell.seed, "budget": cell.budget,
         "selected": len(selected) if selected is not None else 0,
@@ -208,7 +209,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int =
     means = per_user_diff[rng.integers(0, per_user_diff.size, size=(samples, per_user_diff.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     not_better = (means >= 0) if lower_is_better else (means <= 0)
-    return {"diff": float(per_user_diff.mean()), "ci95": [float(lo), float(hi)], "p_not_better": float(not_better.mean())}
+    return {"diff": float(per_user_diff.mean()), "ci95": [float(lo), float(hi)],
+            "p_not_better": float(not_better.mean())}
 
 
 def _metrics_of(results: dict[LLMCell, dict[str, Any]], cells: Sequence[LLMCell]) -> list[str]:
@@ -324,10 +326,13 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
             lines.append(f"| {label(c['a'])} | {seed} | {c['users']} | {hits}"
                          + " | ".join(_fmt_diff(c[m]) for m in shown) + " |")
     lines += ["", "## Cells", "",
-              ("| row | seed | train samples | valid samples | epochs (best) | train loss first → last | valid loss best | "
-               "fine-tune s (s/sample/epoch) | generate s (s/user) | this run |"),
+              ("| row | seed | train samples | valid samples | epochs (best) | train loss first → last | "
+               "valid loss best | fine-tune s (s/sample/epoch) | generate s (s/user) | this run |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for cell, r in sorted(results.items(), key=lambda kv: (kv[0].method != BASE, kv[0].budget, kv[0].method, kv[0].seed)):
+    def order(kv):
+        return kv[0].method != BASE, kv[0].budget, kv[0].method, kv[0].seed
+
+    for cell, r in sorted(results.items(), key=order):
         f = r["finetune"]
         gen = r["eval_seconds"].get("generate", 0.0)
         n_users = max(1, len(r["users"]))

@@ -128,7 +128,7 @@ class Service:
         }
 
     def dealrec(self, *argv: str, name: str) -> subprocess.Popen:
-        logf = open(self.tmp / f"{name}.log", "wb")
+        logf = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child process writes it until stop()
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", *argv], cwd=ROOT, env=self.env,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
@@ -161,7 +161,7 @@ class Service:
             return ""
 
     def stop(self) -> None:
-        for name, proc in reversed(self.procs):
+        for _name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # uvicorn: graceful; celery: warm shutdown
         for name, proc in reversed(self.procs):

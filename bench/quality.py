@@ -51,8 +51,8 @@ from bench.common import fmt_mean_std as _fmt
 from bench.common import pyplot as _pyplot
 from core.cache import atomic_write_bytes, cache_key, default_cache_dir
 from core.config import PruneConfig, key_dump
-from core.selection.methods import method_names
 from core.data.dataset import RecDataset
+from core.selection.methods import method_names
 
 log = logging.getLogger("bench.quality")
 
@@ -420,7 +420,8 @@ def ratio_md(args, meta, budgets, methods, curve, full) -> str:
     head = ["budget", "ratio"] + [f"{label(m)} {SHORT[k]}" for m in methods for k in RATIO_METRICS]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for b in budgets:
-        row = [str(b), f"{100 * b / meta['users']:.2f}%"] + [_fmt(curve[m][b][k]) for m in methods for k in RATIO_METRICS]
+        row = [str(b), f"{100 * b / meta['users']:.2f}%"]
+        row += [_fmt(curve[m][b][k]) for m in methods for k in RATIO_METRICS]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("| " + " | ".join([f"{meta['users']} (full)", "100%"] + [_fmt(full[k]) for _ in methods
                                                                           for k in RATIO_METRICS]) + " |")
@@ -543,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from core.data import DataError, load_dataset
-    from core.effort.llm import LLMError, resolve_llm
     from core.device import resolve_device
+    from core.effort.llm import LLMError, resolve_llm
 
     torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
     if args.skipped:
@@ -580,12 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     if done is None:
         return 130
     results, resumed = done
-    if sharded:
-        log.info("shard %s: %d cells done in %.1fs; run without --shard to write the reports", args.shard,
-                 len(cells), time.perf_counter() - t0)
+    if _shard_finished(sharded, args, len(cells), t0):
         return 0
 
-    report = write_reports(args, ds, out, ctx.device, seeds, budgets, ratio_budgets, results, resumed, time.perf_counter() - t0)
+    report = write_reports(args, ds, out, ctx.device, seeds, budgets, ratio_budgets, results, resumed,
+                           time.perf_counter() - t0)
     log.info("wrote %s in %.1fs (%d cells, %d from the cell cache)", out, time.perf_counter() - t0, len(cells),
              len(resumed))
     if args.json:
@@ -604,6 +604,14 @@ def _shard(cells: list, spec: str | None) -> tuple[list, bool]:
     except ValueError:
         raise SystemExit(f"quality: error: --shard '{spec}' is not I/N with 0 <= I < N") from None
     return cells[i::n], True
+
+
+def _shard_finished(sharded: bool, args: argparse.Namespace, n_cells: int, t0: float) -> bool:
+    """After a --shard run: say so; the reports need every cell (a run without --shard writes them)."""
+    if sharded:
+        log.info("shard %s: %d cells done in %.1fs; run without --shard to write the reports", args.shard, n_cells,
+                 time.perf_counter() - t0)
+    return sharded
 
 
 def _run_cells(cells: list, run: Callable, log_one: Callable, bar, kept_in: Path) -> tuple[dict, set] | None:
@@ -628,7 +636,8 @@ def _run_cells(cells: list, run: Callable, log_one: Callable, bar, kept_in: Path
 
 def _print_summary(summary: dict[str, dict[str, dict[str, float]]]) -> None:
     """--json: the last stdout line, row -> metric -> {"mean", "std"}."""
-    print(json.dumps({m: {k: {"mean": v["mean"], "std": v["std"]} for k, v in row.items()} for m, row in summary.items()}))
+    print(json.dumps({m: {k: {"mean": v["mean"], "std": v["std"]} for k, v in row.items()}
+                      for m, row in summary.items()}))
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -664,9 +673,7 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
     if done is None:
         return 130
     results, resumed = done
-    if sharded:
-        log.info("shard %s: %d LLM cells done in %.1fs; run without --shard to write the reports", args.shard,
-                 len(cells), time.perf_counter() - t0)
+    if _shard_finished(sharded, args, len(cells), t0):
         return 0
     report = llm_level.write_llm_reports(args, ds, out, ctx.device, seeds, budgets, args.methods, results, resumed,
                                          time.perf_counter() - t0, label)

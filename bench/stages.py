@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import EffortConfig, PruneConfig  # noqa: E402
 from core.data import load_dataset  # noqa: E402
+from core.device import resolve_device  # noqa: E402
 from core.effort.llm import attach_lora, load_base_model, resolve_llm  # noqa: E402
 from core.effort.prompts import tokenize_samples  # noqa: E402
 from core.effort.score import EffortScorer, effort_reference, find_target  # noqa: E402
 from core.influence import fixed_negatives, per_sample_grads, per_sample_grads_loop, samples_with_loss  # noqa: E402
-from core.device import resolve_device  # noqa: E402
 from core.instrument import StageTimer  # noqa: E402
 from core.pipeline import run_prune  # noqa: E402
 from core.stages.scoring import effort_precision, effort_settings  # noqa: E402
@@ -149,8 +149,10 @@ def main(argv=None) -> int:
     result = run_prune(ds, cfg, device=str(dev), cache_dir=cache_dir, use_cache=False)
     stages.update(result.stages)
 
-    from core.surrogate.train import load_checkpoint  # noqa: F401  (model comes from the run below)
-    from core.surrogate.train import train_surrogate
+    from core.surrogate.train import (
+        load_checkpoint,  # noqa: F401  (model comes from the run below)
+        train_surrogate,
+    )
 
     # A short-trained surrogate is enough for timing the gradient baseline.
     small = cfg.surrogate.model_copy(update={"epochs": 1})
@@ -197,11 +199,13 @@ def _print_table(r: dict) -> None:
         child = f"  + {v['child_peak_rss_mb']:.0f}" if v.get("child_peak_rss_mb") else ""
         print(f"{name:<11}{v['seconds']:>10.2f}{v['peak_rss_mb']:>10.0f}{child}")
     g, e = r["influence_grads"], r["effort"]
-    print(f"per-sample influence gradients ({g['samples']} samples): batched {g['batched_s_per_sample'] * 1e6:.1f} us/sample, loop "
-          f"{g['loop_s_per_sample'] * 1e6:.1f} us/sample -> {g['speedup']:.1f}x (max rel. error {g['max_rel_error']:.1e})")
+    print(f"per-sample influence gradients ({g['samples']} samples): batched "
+          f"{g['batched_s_per_sample'] * 1e6:.1f} us/sample, loop {g['loop_s_per_sample'] * 1e6:.1f} us/sample -> "
+          f"{g['speedup']:.1f}x (max rel. error {g['max_rel_error']:.1e})")
     print(f"effort on {e['samples']} prompts ({e['mean_tokens']:.0f} tokens mean), s/sample: reference "
           f"{e['reference_s_per_sample']:.3f}, bare forward {e['bare_forward_s_per_sample']:.3f}, ours fp32 "
-          f"{e['fp32_s_per_sample']:.3f} ({e['speedup_fp32']:.2f}x, max rel. error {e['fp32_max_rel_error_vs_reference']:.1e}),"
+          f"{e['fp32_s_per_sample']:.3f} ({e['speedup_fp32']:.2f}x, max rel. error "
+          f"{e['fp32_max_rel_error_vs_reference']:.1e}),"
           f" ours default/{e['default_precision']} {e['default_s_per_sample']:.3f} ({e['speedup_default']:.2f}x, "
           f"Spearman vs fp32 {e['default_spearman_vs_fp32']:.4f})")
     print(f"effort stage (default: {e['stage_processes']} process(es), {e['stage_mean_tokens']:.0f} tokens mean): "

@@ -10,10 +10,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from pydantic import ValidationError
+from typing import Any
 
 log = logging.getLogger("dealrec")
 
@@ -40,7 +39,8 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data", required=True, help="dataset folder or file (DEALRec layout, interaction log, RecBole)")
+        sp.add_argument("--data", required=True,
+                        help="dataset folder or file (DEALRec layout, interaction log, RecBole)")
         sp.add_argument("--format", default="auto", choices=["auto", "dealrec", "interactions", "recbole"])
         sp.add_argument("--split", default="chrono", choices=["chrono", "loo"],
                         help="for interaction logs: global chronological 8:1:1 (the paper) or leave-one-out")
@@ -103,6 +103,8 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     ft.add_argument("--lr", type=float, default=None, help="AdamW learning rate (1e-4)")
     ft.add_argument("--batch-size", type=int, default=None, help="samples per optimizer step (128)")
     ft.add_argument("--micro-batch-size", type=int, default=None, help="samples per forward pass (4)")
+    ft.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="micro-batches by padded tokens instead of a count (0 = off; the same loss, less padding)")
     ft.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (20)")
     ft.add_argument("--patience", type=int, default=None, help="evaluations without a lower validation loss (5)")
     ft.add_argument("--cutoff-len", type=int, default=None, help="prompt length limit in tokens (512)")
@@ -181,8 +183,9 @@ class _Bars:
         if bar is None:
             for other in self.bars.values():
                 other.close()
-            bar = self.bars[stage] = tqdm(total=1000, desc=f"{stage:<10}", unit="‰", leave=True,
-                                          bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+            bar = self.bars[stage] = tqdm(
+                total=1000, desc=f"{stage:<10}", unit="‰", leave=True,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
         bar.n = int(round(frac * 1000))
         if msg:
             bar.set_postfix_str(msg, refresh=False)
@@ -211,8 +214,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     from core.data import load_dataset
-    from core.outputs import write_outputs
     from core.instrument import StageTimer
+    from core.outputs import write_outputs
     from core.pipeline import run_prune
     from core.stages.select import bigrec_records
 
@@ -248,8 +251,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _summary(result, paths) -> None:
     out = sys.stdout
     sel = result.selection
-    out.write(f"\nselected {len(sel.selected)} of {result.dataset.n_users} samples with '{result.config.selection.method}'"
-              f" (budget {result.config.selection.budget}, seed {result.config.seed})\n")
+    out.write(f"\nselected {len(sel.selected)} of {result.dataset.n_users} samples with "
+              f"'{result.config.selection.method}' (budget {result.config.selection.budget}, "
+              f"seed {result.config.seed})\n")
     out.write(f"{'stage':<11}{'seconds':>10}{'peak MB':>10}  note\n")
     for name, rec in result.stages.items():
         note = "skipped (not needed by this method)" if rec.skipped else ("reused from cache" if rec.cached else "")
@@ -272,7 +276,7 @@ def _summary(result, paths) -> None:
             out.write(f"diagnostics: {line}\n")
     for note in sel.notes:
         out.write(f"note: {note}\n")
-    for name, path in paths.items():
+    for path in paths.values():
         out.write(f"wrote {path}\n")
 
 
@@ -324,7 +328,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "llm": llm, "device": args.device, "precision": args.precision, "seed": args.seed,
         "train_on_inputs": not args.no_train_on_inputs,
         **without_none(gguf_file=gguf_file, adapter=args.adapter, epochs=args.epochs, lr=args.lr,
-                batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps,
+                batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                micro_batch_tokens=args.micro_batch_tokens, warmup_steps=args.warmup_steps,
                 patience=args.patience, cutoff_len=args.cutoff_len, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)})
     resolve_llm(cfg.llm, cfg.gguf_file)  # fail before loading data

@@ -59,7 +59,7 @@ class SurrogateConfig(_Strict):
     patience: int = Field(5, ge=1)
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "SurrogateConfig":
+    def _heads_divide_hidden(self) -> SurrogateConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
         return self
@@ -197,7 +197,7 @@ class FinetuneConfig(_Strict):
     added_later: ClassVar[frozenset[str]] = frozenset({"micro_batch_tokens"})
 
     @model_validator(mode="after")
-    def _micro_fits_batch(self) -> "FinetuneConfig":
+    def _micro_fits_batch(self) -> FinetuneConfig:
         if self.micro_batch_size > self.batch_size:
             raise ValueError("micro_batch_size must not exceed batch_size")
         return self
@@ -237,7 +237,7 @@ class LLMEvalConfig(_Strict):
     added_later: ClassVar[frozenset[str]] = frozenset({"nll", "share_prefix", "generate"})
 
     @model_validator(mode="after")
-    def _something_to_measure(self) -> "LLMEvalConfig":
+    def _something_to_measure(self) -> LLMEvalConfig:
         if not self.generate and not self.nll:
             raise ValueError("an evaluation without generation needs nll")
         return self

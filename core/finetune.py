@@ -422,8 +422,8 @@ def run_finetune(ds: RecDataset, users: Sequence[int], cfg: FinetuneConfig, out_
     """Fine-tune the configured LLM on the BIGRec samples of `users` (indices into `ds`; a set: order
     and duplicates do not matter), early-stopped on those users' validation samples, and write the
     adapter plus `finetune.json` to `out_dir` (atomically). Returns the metadata written."""
-    from core.effort.llm import load_base_model, resolve_llm
     from core.device import resolve_device
+    from core.effort.llm import load_base_model, resolve_llm
 
     users = sorted({int(u) for u in users})
     if not users:

@@ -22,9 +22,8 @@ from core.instrument import StageRecord
 from core.progress import ProgressFn
 from core.selection import SelectionResult
 from core.stages import stages_for
-from core.stages.base import RunConfig, StageContext
+from core.stages.base import CancelFn, RunConfig, StageContext
 from core.stages.run import run_stage, skipped
-from core.stages.base import CancelFn
 
 
 @dataclass

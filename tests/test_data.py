@@ -6,8 +6,8 @@ from __future__ import annotations
 import codecs
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

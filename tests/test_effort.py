@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from tiny_llm import randomise_lora_b, tiny_dataset, tiny_llama, tiny_tokenizer
 
 from core.config import EffortConfig
 from core.effort.llm import attach_lora
 from core.effort.prompts import PromptTemplate, make_record, tokenize_samples
 from core.effort.score import EffortScorer, EffortSettings, effort_reference, find_target
-from tiny_llm import randomise_lora_b, tiny_dataset, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def test_processes_give_the_same_scores(setup, tmp_path):
     tiny_llama(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     cfg = EffortConfig(llm=str(folder), seed=3)
-    from core.effort.llm import attach_lora as attach, load_base_model, resolve_llm
+    from core.effort.llm import attach_lora as attach
+    from core.effort.llm import load_base_model, resolve_llm
 
     model, _ = load_base_model(resolve_llm(cfg.llm), tmp_path / "cache")
     model = attach(model, cfg)

@@ -198,8 +198,8 @@ def test_cli_finetune_then_evaluate(workspace, capsys):
 
     # The records trained on are the selection's bigrec_train.jsonl.
     from core.data import load_dataset
-    from core.finetune import encode_records, encode_users, selection_fingerprint
     from core.effort.llm import load_tokenizer, resolve_llm
+    from core.finetune import encode_records, encode_users, selection_fingerprint
 
     ds = load_dataset(str(data), limit_users=24)
     tok = load_tokenizer(resolve_llm(str(llm)))

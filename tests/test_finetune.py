@@ -25,8 +25,8 @@ from core.finetune import (
     read_meta,
     save_adapter,
     selection_fingerprint,
-    trainable_state,
     train_lora,
+    trainable_state,
 )
 from core.surrogate.train import Cancelled
 

@@ -11,10 +11,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from core.data.dataset import RecDataset
 
-WORDS = ("below is an instruction that describes a task paired with input provides further context write response "
-         "appropriately completes the request # instruction input response given game products user purchased "
-         "before please recommend new product likes to has following with titles as a ; . , : - zelda mario halo "
-         "doom sonic tetris pacman metroid kirby fifa").split()
+WORDS = (
+    'below', 'is', 'an', 'instruction', 'that', 'describes', 'a', 'task', 'paired', 'with', 'input', 'provides',
+    'further', 'context', 'write', 'response', 'appropriately', 'completes', 'the', 'request', '#',
+    'instruction', 'input', 'response', 'given', 'game', 'products', 'user', 'purchased', 'before', 'please',
+    'recommend', 'new', 'product', 'likes', 'to', 'has', 'following', 'with', 'titles', 'as', 'a', ';', '.',
+    ',', ':', '-', 'zelda', 'mario', 'halo', 'doom', 'sonic', 'tetris', 'pacman', 'metroid', 'kirby', 'fifa')
 # Enough to tell the titles of core.data.synthetic ("Game number 17") apart.
 NUMBER_WORDS = ["number"] + [str(i) for i in range(100)]
 

@@ -81,7 +81,8 @@ class CancelCheck:
     """core's CancelFn: True when the client cancelled, the worker lost the job's lock, or the job
     ran past its time limit. `reason` says which."""
 
-    def __init__(self, store: JobStore, job_id: str, lost: threading.Event, deadline: float, poll_s: float = 0.25) -> None:
+    def __init__(self, store: JobStore, job_id: str, lost: threading.Event, deadline: float,
+                 poll_s: float = 0.25) -> None:
         self.store = store
         self.job_id = job_id
         self.lost = lost

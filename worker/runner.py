@@ -33,7 +33,7 @@ from core.effort.score import EffortCancelled
 from core.influence import SolverDiverged
 from core.instrument import StageRecord, StageTimer
 from core.stages.base import ArtifactMissing, RunConfig, StageContext
-from core.stages.run import run_stage
+from core.stages.run import run_stage, skipped
 from core.surrogate.train import Cancelled
 from worker.progress import CancelCheck, JobReporter
 from worker.service.files import Files
@@ -322,10 +322,8 @@ class _Segment:
         return self.settings.llm_choices().get(self.req.params.effort.llm, "auto")
 
     def _finish(self) -> None:
-        for stage in ("surrogate", "influence", "effort"):  # the method's unneeded stages, as core reports them
-            if stage not in self.timings:
-                self.timings[stage] = {k: v for k, v in vars(StageRecord(skipped=True)).items()
-                                       if k != "child_peak_rss_mb"}
+        for stage, rec in skipped(self.stages).items():  # the method's unneeded stages, as core reports them
+            self.timings.setdefault(stage, {k: v for k, v in vars(rec).items() if k != "child_peak_rss_mb"})
         self.store.transition(self.job_id, "succeeded", stage=None, progress=1.0, handoff=None, stages=self.timings,
                               completed_stages=self.completed, reused_stages=self.reused, result=self.result)
         self.store.add_event(self.job_id, "job succeeded")

@@ -6,6 +6,7 @@ outputs on `cpu`; each task sends the next."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,9 +18,9 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from worker.celery_app import TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app
-from worker.service.settings import get_settings
 from worker.service.files import Files
 from worker.service.jobstore import JobStore
+from worker.service.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,13 @@ def run_job(self, job_id: str, queue: str) -> str:
         # The store went away mid-job (the runner turns every other error into a job status).
         # Run it again later: finished stages are recorded, their artifacts are in the cache.
         log.warning("job %s: job store unavailable (%s); retrying", job_id, exc)
-        raise self.retry(countdown=settings.lock_ttl_s, exc=exc)
+        raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
     if outcome.next_queue:
         try:
             app.send_task(TASK_RUN, args=[job_id, outcome.next_queue], queue=outcome.next_queue)
         except Exception as exc:  # noqa: BLE001 - broker down: this message stays unacked and comes back
             log.warning("job %s: could not hand over to %s (%s); retrying", job_id, outcome.next_queue, exc)
-            raise self.retry(countdown=settings.lock_ttl_s, exc=exc)
+            raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
         log.info("job %s handed to the %s queue", job_id, outcome.next_queue)
     return outcome.status
 
@@ -90,8 +91,8 @@ def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
     such a job waits for the broker to restore its unacked message, i.e. the visibility timeout
     (hours), or forever if the message was acknowledged as failed while Redis was away. A duplicate
     message is harmless: the job lock and the recorded stages make the second one a no-op."""
-    from worker.service.requests import PruneRequest
     from worker.service.plan import next_segment, request_stages
+    from worker.service.requests import PruneRequest
 
     if not store.claim_reaper(holder, settings.lock_ttl_s):
         return []
@@ -145,10 +146,8 @@ class _Heartbeat:
 
     def close(self) -> None:
         self.stop.set()
-        try:
+        with contextlib.suppress(redis.RedisError):
             _context()[0].worker_gone(self.name)
-        except redis.RedisError:
-            pass
 
 
 _heartbeat = _Heartbeat()

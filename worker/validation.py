@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 
 from core.data import DataError, detect_format, load_dataset
-from worker.service.records import utcnow
 from worker.runner import describe, relative_error
 from worker.service.files import Files
 from worker.service.jobstore import JobStore
+from worker.service.records import utcnow
 
 log = logging.getLogger(__name__)
 

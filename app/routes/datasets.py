@@ -15,13 +15,13 @@ from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, invalid_dataset, not_found
 from app.filenames import is_archive
-from worker.service.responses import DatasetList, DatasetOut
 from app.uploads import receive_files
 from core.data.errors import DataError
 from core.data.precheck import precheck
 from worker.celery_app import TASK_VALIDATE
-from worker.service.records import DatasetRecord
 from worker.service.jobstore import new_id
+from worker.service.records import DatasetRecord
+from worker.service.responses import DatasetList, DatasetOut
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["datasets"])

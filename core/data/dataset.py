@@ -45,7 +45,7 @@ class RecDataset:
     def target(self, user: int) -> int:
         return self.train[user][-1]
 
-    def limit_users(self, n: int | None) -> "RecDataset":
+    def limit_users(self, n: int | None) -> RecDataset:
         """Keep the first `n` users (all items stay, so item indices are unchanged)."""
         if n is None or n >= self.n_users:
             return self

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from core.data.dataset import RecDataset
 from core.data.errors import DataError

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.data.dataset import RecDataset
-from core.data.dealrec_layout import (ITEMS_FILE, TEST_FILE, TRAIN_FILE, USERS_FILE, VALID_FILE,
-                                      load_dealrec_layout)
+from core.data.dealrec_layout import ITEMS_FILE, TEST_FILE, TRAIN_FILE, USERS_FILE, VALID_FILE, load_dealrec_layout
 from core.data.errors import DataError
 from core.data.interactions import load_interaction_log
 from core.data.recbole import load_recbole

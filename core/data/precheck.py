@@ -32,9 +32,23 @@ from core.data import interactions as log_tables
 from core.data import recbole
 from core.data.errors import DataError
 from core.data.load import detect_format, interaction_files
-from core.data.tables import (FieldAt, check_header, check_parquet_columns, delimited_field_at, empty_delimited,
-                              empty_jsonl, header_table, header_text, jsonl_field_at, jsonl_row, malformed_line,
-                              not_utf8, parquet_errors, table_kind, unreadable_parquet)
+from core.data.tables import (
+    FieldAt,
+    check_header,
+    check_parquet_columns,
+    delimited_field_at,
+    empty_delimited,
+    empty_jsonl,
+    header_table,
+    header_text,
+    jsonl_field_at,
+    jsonl_row,
+    malformed_line,
+    not_utf8,
+    parquet_errors,
+    table_kind,
+    unreadable_parquet,
+)
 
 logger = logging.getLogger(__name__)
 

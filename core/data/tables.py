@@ -12,9 +12,10 @@ import csv
 import io
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from core.data.errors import DataError
 

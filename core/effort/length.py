@@ -6,10 +6,12 @@ length on 1,000 users): a long prompt averages its gradient over many easy, repe
 the model has just read), so "hard for the LLM" mostly means "short". `residual` keeps what the score
 says beyond length: log(effort) minus its least-squares fit on log(prompt tokens) over the pool.
 
-The fit is a cubic polynomial in centred log(tokens): the relation is not a straight line in log-log
-space on real prompts (the fixed instruction dominates short prompts), and a straight-line residual
-would leave a rank correlation with length behind. The correction is applied to the cached raw
-scores, so it is exact whatever computed them, and it uses only the pool it is given.
+The fit is a cubic polynomial in centred log(tokens): the relation is not quite a straight line in
+log-log space (the fixed instruction dominates short prompts). Measured on the first 10,000 Games
+users with SmolLM2: the raw effort's Spearman correlation with prompt tokens is -0.63; after a
+straight-line residual +0.07, after the cubic one +0.008 (quadratic: +0.010). The correction is
+applied to the cached raw scores, so it is exact whatever computed them, and it uses only the pool
+it is given.
 """
 
 from __future__ import annotations

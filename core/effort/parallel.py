@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _worker(rank: int, cfg: EffortConfig, cache_dir: str, settings: EffortSettings, threads: int,
-            shard: list[TokenizedSample], eos_id: int, events: "mp.Queue", stop: "mp.Event") -> None:
+            shard: list[TokenizedSample], eos_id: int, events: mp.Queue, stop: mp.Event) -> None:
     torch.set_num_threads(threads)
     from core.effort.llm import attach_lora, load_base_model, resolve_llm
     from core.effort.score import EffortScorer, find_target
@@ -76,7 +76,7 @@ def score_in_processes(cfg: EffortConfig, cache_dir: Path, settings: EffortSetti
             except queue.Empty:
                 dead = [r for r in pending if not procs[r].is_alive() and procs[r].exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"effort worker {dead[0]} died (exit code {procs[dead[0]].exitcode})")
+                    raise RuntimeError(f"effort worker {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
                 continue
             if kind == "progress":
                 done += payload

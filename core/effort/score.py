@@ -23,8 +23,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ class _Capture:
     u_in: list = field(default_factory=list)
     handles: list = field(default_factory=list)
 
-    def __enter__(self) -> "_Capture":
+    def __enter__(self) -> _Capture:
         def on_output(_mod, _inp, out):
             leaf = out.detach().requires_grad_(True)
             self.v_out.append(leaf)
@@ -273,7 +273,7 @@ class EffortScorer:
         out = np.zeros(len(samples), dtype=np.float64)
         batches = self._batches(lengths)
         done = 0
-        for bi, idx in enumerate(batches):
+        for _bi, idx in enumerate(batches):
             if cancel is not None and cancel():
                 raise EffortCancelled()
             norms = self._score_batch([samples[i] for i in idx], prefix, const, plen)

@@ -31,7 +31,14 @@ import torch
 
 from core.config import LLMEvalConfig
 from core.data.dataset import RecDataset
-from core.effort.prompts import PromptTemplate, TokenizedSample, clean_title, format_prompt, make_record, tokenize_samples
+from core.effort.prompts import (
+    PromptTemplate,
+    TokenizedSample,
+    clean_title,
+    format_prompt,
+    make_record,
+    tokenize_samples,
+)
 from core.evaluate.generate import generate_batched, mean_nll
 from core.surrogate.metrics import recall_ndcg_at_k
 from core.surrogate.train import Cancelled
@@ -114,7 +121,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
     encoded = [list(ids) or [filler] for ids in tokenizer(list(texts))["input_ids"]] if texts else []
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     hidden = None
-    for done, start in enumerate(range(0, len(order), batch_size)):
+    for _done, start in enumerate(range(0, len(order), batch_size)):
         _check(cancel)
         part = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in part)
@@ -278,8 +285,8 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
     are cached under `cache_dir` (they depend only on the LLM and the titles, not on the adapter).
     Returns `evaluate_llm`'s result plus "params" (the resolved config, LLM identity, device)."""
     from core.cache import cache_key, load_arrays, save_arrays
-    from core.effort.llm import LLMError, load_base_model, resolve_llm
     from core.device import resolve_device
+    from core.effort.llm import LLMError, load_base_model, resolve_llm
 
     t0 = time.perf_counter()
     source = resolve_llm(cfg.llm, cfg.gguf_file)

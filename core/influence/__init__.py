@@ -90,5 +90,6 @@ __all__ = [
     "Cancelled", "SolverDiverged", "LossHessian", "SampleHessians", "effective_damping", "fixed_negatives",
     "samples_with_loss", "per_sample_grads", "per_sample_grads_loop", "gradient_mean", "hvp", "lissa",
     "conjugate_gradient", "direct", "influence_scores",
+    # The callback types, and two internals the tests reach for.
+    "Progress", "Cancel", "_RowModel", "_Curvature",
 ]
-# Also used as core.influence.X, outside __all__: Progress, Cancel (callbacks), _RowModel, _Curvature (tests).

@@ -14,6 +14,7 @@ from core.data.dataset import RecDataset
 from core.influence.loss import _by_length, _check_eval, _make_batch, _max_len, _theta_only, samples_with_loss
 from core.surrogate.batches import SeqBatch, per_sample_loss
 
+
 @dataclass
 class _Captured:
     """What one forward + backward gives per batch: the layer's input X (b, t, in), the gradient of each

@@ -14,8 +14,16 @@ from torch import nn
 
 from core.data.dataset import RecDataset
 from core.influence.grads import _Captured, _forward_backward
-from core.influence.loss import (Cancel, Progress, _check_eval, _make_batch, _max_len, _poll, _theta_only,
-                                 samples_with_loss)
+from core.influence.loss import (
+    Cancel,
+    Progress,
+    _check_eval,
+    _make_batch,
+    _max_len,
+    _poll,
+    _theta_only,
+    samples_with_loss,
+)
 from core.influence.rows import _Curvature, _row_offsets, _RowModel, _Rows, _rows_of
 from core.surrogate.batches import SeqBatch, per_sample_loss
 
@@ -61,7 +69,7 @@ class LossHessian:
     def from_model(cls, model: nn.Module, ds: RecDataset, negatives: Sequence[np.ndarray], layer: nn.Linear,
                    users: Sequence[int] | None = None, batch_size: int = 1024,
                    device: torch.device | str = "cpu", fast: bool | None = None,
-                   closed_form: bool | None = None) -> "LossHessian":
+                   closed_form: bool | None = None) -> LossHessian:
         """Build it with its own pass over the samples that have a loss (among `users` if given).
         fast / closed_form: None = use when it applies, True = insist, False = don't."""
         _check_eval(model)

@@ -16,6 +16,7 @@ from core.data.dataset import RecDataset
 from core.influence.grads import _Captured
 from core.surrogate.batches import SeqBatch
 
+
 @dataclass
 class _Rows:
     """Every target position of every sample, as rows, for the fast path (package docstring). Rows of a
@@ -77,7 +78,7 @@ class _RowModel:
             pass
         return None
 
-    def out(self, rows: "_Rows", idx: slice | torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    def out(self, rows: _Rows, idx: slice | torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's output rows out_r = W x_r + b (W = theta unless given)."""
         return F.linear(rows.x[idx], self.layer.weight if w is None else w, self.layer.bias)
 
@@ -88,19 +89,19 @@ class _RowModel:
         emb = self.emb.weight
         return F.softplus(-(hidden * emb[pos]).sum(-1)) + F.softplus((hidden * emb[neg]).sum(-1))
 
-    def loss(self, w: torch.Tensor, rows: "_Rows", idx: slice | torch.Tensor,
+    def loss(self, w: torch.Tensor, rows: _Rows, idx: slice | torch.Tensor,
              row_weight: torch.Tensor) -> torch.Tensor:
         """sum_r row_weight_r * term_r(W) over the rows idx."""
         terms = self.terms_from_out(self.out(rows, idx, w), rows.resid[idx], rows.pos[idx], rows.neg[idx])
         return (terms * row_weight).sum()
 
-    def sample_losses(self, rows: "_Rows") -> torch.Tensor:
+    def sample_losses(self, rows: _Rows) -> torch.Tensor:
         """l(z) of every sample of `rows` (one per segment of `rows.start`)."""
         with torch.no_grad():
             terms = self.terms_from_out(self.out(rows, slice(None)), rows.resid, rows.pos, rows.neg) * rows.weight
         return rows.per_sample_sum(terms)
 
-    def hessians_autograd(self, rows: "_Rows", idx: slice | torch.Tensor) -> torch.Tensor:
+    def hessians_autograd(self, rows: _Rows, idx: slice | torch.Tensor) -> torch.Tensor:
         """A_r = d^2 term_r / d out_r^2, (rows, out, out), by double backward, one output direction at a
         time (rows are independent, so each backward gives that Hessian row for all rows at once)."""
         with torch.enable_grad():
@@ -111,7 +112,7 @@ class _RowModel:
         return torch.stack(cols, 1).detach()
 
     @torch.no_grad()
-    def curvature(self, rows: "_Rows", idx: slice | torch.Tensor) -> "_Curvature":
+    def curvature(self, rows: _Rows, idx: slice | torch.Tensor) -> _Curvature:
         """Everything A_r t needs for the rows idx (forward and backward quantities at theta)."""
         norm1, ffn = self.attention.norm, self.ffn
         yh1, sig1 = _ln_forward(self.out(rows, idx) + rows.resid[idx], norm1.eps)
@@ -161,7 +162,7 @@ class _LNState:
     coef: torch.Tensor       # -1 / (d sigma^2)
 
     @classmethod
-    def build(cls, yhat: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor) -> "_LNState":
+    def build(cls, yhat: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor) -> _LNState:
         d = yhat.shape[-1]
         pu = u - u.mean(-1, keepdim=True)
         s = (yhat * u).sum(-1, keepdim=True)
@@ -169,7 +170,7 @@ class _LNState:
                    pu=pu.unsqueeze(1), s=s.unsqueeze(1), s3=(3.0 * s).unsqueeze(1),
                    coef=(-1.0 / (d * sigma * sigma)).unsqueeze(1))
 
-    def __getitem__(self, sl: slice) -> "_LNState":
+    def __getitem__(self, sl: slice) -> _LNState:
         return _LNState(**_slice_fields(self, sl))
 
     def jac(self, v: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ class _Curvature:
     w1: torch.Tensor
     w2: torch.Tensor
 
-    def __getitem__(self, sl: slice) -> "_Curvature":
+    def __getitem__(self, sl: slice) -> _Curvature:
         return _Curvature(**_slice_fields(self, sl, shared=("gamma1", "w1", "w2")))
 
     @property

@@ -14,8 +14,17 @@ from core.config import InfluenceConfig
 from core.data.dataset import RecDataset
 from core.influence.grads import _forward_backward, _grads_from, per_sample_grads
 from core.influence.hessian import _HessianBuilder
-from core.influence.loss import (Cancel, Progress, _by_length, _make_batch, _max_len, _poll, effective_damping,
-                                 fixed_negatives, samples_with_loss)
+from core.influence.loss import (
+    Cancel,
+    Progress,
+    _by_length,
+    _make_batch,
+    _max_len,
+    _poll,
+    effective_damping,
+    fixed_negatives,
+    samples_with_loss,
+)
 from core.influence.solvers import conjugate_gradient, direct, lissa
 from core.progress import Phases
 

@@ -39,8 +39,9 @@ def run_evaluate(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutp
         if report is not None:
             report(EVALUATE_PHASES.fraction(phase, frac), f"{phase}: {msg}" if msg else phase)
 
-    ctx.state["evaluation"] = evaluate(ds, evaluation_config(cfg, ctx), cache_dir=ctx.cache_dir, use_cache=ctx.use_cache,
-                                       template=ctx.template, progress=progress, cancel=ctx.cancel)
+    ctx.state["evaluation"] = evaluate(ds, evaluation_config(cfg, ctx), cache_dir=ctx.cache_dir,
+                                       use_cache=ctx.use_cache, template=ctx.template, progress=progress,
+                                       cancel=ctx.cancel)
     return StageOutput()
 
 

@@ -97,8 +97,8 @@ def effort_settings(cfg: EffortConfig, dev: torch.device, precision: str):
 
     # CPU: small batches (the logits dominate memory and batching barely pays); GPU: large ones.
     max_tokens = cfg.max_batch_tokens or (16384 if dev.type == "cuda" else 256)
-    return EffortSettings(cache_prefix=cfg.cache_prefix, max_batch_tokens=max_tokens, precision=precision, loss=cfg.loss,
-                          logits_chunk=8192 if dev.type == "cuda" else 256)
+    return EffortSettings(cache_prefix=cfg.cache_prefix, max_batch_tokens=max_tokens, precision=precision,
+                          loss=cfg.loss, logits_chunk=8192 if dev.type == "cuda" else 256)
 
 
 # Below this many samples, starting processes and loading a model in each costs more than it saves.
@@ -175,7 +175,8 @@ def prompt_token_counts(ds: RecDataset, cfg: EffortConfig, cache_dir: Path | Non
     from core.effort.llm import load_tokenizer, resolve_llm
     from core.effort.prompts import tokenize_samples
 
-    tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file), Path(cache_dir) if cache_dir else default_cache_dir())
+    tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file),
+                               Path(cache_dir) if cache_dir else default_cache_dir())
     samples = tokenize_samples(ds, list(range(ds.n_users)), tokenizer, cfg.cutoff_len, template or PromptTemplate())
     return np.array([len(s.ids) for s in samples], dtype=np.int64)
 

@@ -54,7 +54,8 @@ def bigrec_records(ds: RecDataset, users, cfg: EffortConfig, cache_dir: Path | N
     from core.effort.prompts import make_record, tokenize_samples
 
     template = template or PromptTemplate()
-    tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file), Path(cache_dir) if cache_dir else default_cache_dir())
+    tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file),
+                               Path(cache_dir) if cache_dir else default_cache_dir())
     users = [int(u) for u in users]
     cut = tokenize_samples(ds, users, tokenizer, cfg.cutoff_len, template)
     return [make_record(ds, u, template, s.kept) for u, s in zip(users, cut)]

@@ -22,7 +22,7 @@ class SeqBatch:
     positives: torch.Tensor
     negatives: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "SeqBatch":
+    def to(self, device: torch.device | str) -> SeqBatch:
         return SeqBatch(self.inputs.to(device), self.positives.to(device), self.negatives.to(device))
 
 

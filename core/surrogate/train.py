@@ -7,6 +7,7 @@ are excluded from the ranking with -inf rather than 0.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -234,7 +235,7 @@ _PLAIN = (str, int, float, bool, type(None))
 def _check_plain(obj: Any, where: str = "extra") -> None:
     """Reject anything `torch.load(weights_only=True)` would refuse (numpy scalars, custom classes),
     at save time rather than when someone later tries to load the file."""
-    if isinstance(obj, _PLAIN) or isinstance(obj, torch.Tensor):
+    if isinstance(obj, (_PLAIN, torch.Tensor)):
         return
     if isinstance(obj, dict):
         for key, value in obj.items():
@@ -270,10 +271,8 @@ def save_checkpoint(model: SASRec, path: str | os.PathLike[str], extra: dict[str
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -25,8 +25,9 @@ httpx = pytest.importorskip("httpx")
 redis = pytest.importorskip("redis")
 
 from svc_helpers import KEYS, LIVE, ApiServer, auth, read_tail  # noqa: E402
-from worker.service.settings import Settings  # noqa: E402
+
 from worker.service.jobstore import JobStore, connect  # noqa: E402
+from worker.service.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("DEALREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")

@@ -8,9 +8,9 @@ import tarfile
 import zipfile
 
 import pytest
+from svc_helpers import KEYS, multipart, tiny_dataset, upload
 
 from app.main import create_app
-from svc_helpers import KEYS, multipart, tiny_dataset, upload
 from worker.service.settings import ConfigError, Settings
 
 

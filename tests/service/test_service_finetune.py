@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 from core.config import PruneConfig
 from core.data import load_dataset
 from core.pipeline import run_prune
-from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 FINETUNE = {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 1,
             "evaluate": {"test_users": 6, "num_beams": 2, "max_new_tokens": 6}}

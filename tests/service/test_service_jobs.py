@@ -9,11 +9,11 @@ import json
 import time
 
 import pytest
+from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 from core.config import PruneConfig
 from core.data import load_dataset
 from core.pipeline import run_prune
-from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +236,13 @@ def test_metrics(client, api, dataset):
 def test_stalled_running_job_is_requeued(api, dataset, store):
     """A running job that no worker holds and no queue carries (its worker died and its message is
     gone) is sent again by a worker's reaper and finishes."""
+    from worker.service.jobstore import new_id
     from worker.service.records import JobRecord
     from worker.service.requests import PruneRequest
-    from worker.service.jobstore import new_id
 
     req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random", "seed": 4})
-    job = JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"], request=req.model_dump(mode="json", by_alias=True))
+    job = JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"],
+                    request=req.model_dump(mode="json", by_alias=True))
     job, created = store.create_job(job)
     assert created
     # As if a worker had started it and died after its message was acknowledged: no task anywhere.
@@ -258,9 +259,9 @@ def test_stalled_running_job_is_requeued(api, dataset, store):
 
 def test_cancel_job_waiting_between_tasks_is_immediate(api, dataset, store, settings):
     """A running job handed to another queue (no worker holds it yet) is cancelled at once."""
+    from worker.service.jobstore import new_id
     from worker.service.records import JobRecord
     from worker.service.requests import PruneRequest
-    from worker.service.jobstore import new_id
 
     req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random"})
     job, _ = store.create_job(JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"],

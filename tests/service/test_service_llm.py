@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from core.data import load_dataset
 from games_csv import write_games_csv
 from svc_helpers import upload, wait_job
+
+from core.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 GAMES_FILES = ("sequential_train.txt", "sequential_valid.txt", "sequential_test.txt", "items.tsv", "users.tsv")

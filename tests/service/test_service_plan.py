@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.service.settings import Settings
 from worker.service.plan import first_queue, job_stages, next_segment
+from worker.service.settings import Settings
 
 GPU = Settings(llm_queue="gpu")
 CPU_ONLY = Settings(llm_queue="cpu")

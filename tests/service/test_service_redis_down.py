@@ -10,8 +10,8 @@ import subprocess
 import time
 
 import pytest
-
 from svc_helpers import auth, free_port, multipart, tiny_dataset
+
 from worker.service.jobstore import connect
 
 

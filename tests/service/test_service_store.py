@@ -8,15 +8,15 @@ import uuid
 
 import pytest
 
-from worker.service.records import DatasetRecord, JobRecord
 from worker.service.jobstore import JobStore, StoreError, connect, is_valid_id, new_id
+from worker.service.records import DatasetRecord, JobRecord
 
 
 @pytest.fixture()
 def s(service_env) -> JobStore:
     # A prefix of its own: these tests never see (or clean) the API tests' keys.
-    store = JobStore(connect(service_env["DEALREC_REDIS_URL"]), f"{service_env['DEALREC_KEY_PREFIX']}u{uuid.uuid4().hex[:6]}:",
-                  job_ttl_s=120)
+    store = JobStore(connect(service_env["DEALREC_REDIS_URL"]),
+                     f"{service_env['DEALREC_KEY_PREFIX']}u{uuid.uuid4().hex[:6]}:", job_ttl_s=120)
     yield store
     store.delete_all()
 
@@ -164,7 +164,7 @@ def test_lock_lost_is_noticed(s):
 
 def test_metrics_counters_follow_transitions(s):
     ds = _ready_dataset(s)
-    j1, j2 = _job(s, ds), _job(s, ds)
+    j1, _j2 = _job(s, ds), _job(s, ds)
     s.transition(j1.id, "running")
     s.transition(j1.id, "succeeded")
     snap = s.metrics_snapshot()["jobs"]

@@ -21,8 +21,8 @@ from worker.service.jobstore import is_valid_id
 
 log = logging.getLogger(__name__)
 
-JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl", "diagnostics.json", "adapter.tar.gz",
-             "metrics.json")
+JOB_FILES = ("selection.json", "selection.csv", "scores.csv", "bigrec_train.jsonl", "diagnostics.json",
+             "adapter.tar.gz", "metrics.json")
 
 
 class Files:

@@ -25,16 +25,17 @@ import hashlib
 import json
 import logging
 import secrets
-import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import redis
 from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from worker.service import lua
+from worker.service.locks import JobLock
 from worker.service.records import TERMINAL, TRANSITIONS, DatasetRecord, JobEvent, JobRecord, utcnow
 
 log = logging.getLogger(__name__)
@@ -57,87 +58,6 @@ def is_valid_id(kind: str, value: str) -> bool:
     prefix = kind + "_"
     rest = value[len(prefix):]
     return value.startswith(prefix) and len(rest) == 22 and all(c in "0123456789abcdef" for c in rest)
-
-
-# Update a record only if its status is one of ARGV[1] (JSON list; empty = any). ARGV[2] is the
-# new status ('' keeps it), ARGV[3] a JSON object of already JSON-encoded field values, ARGV[4] a
-# TTL in seconds applied to KEYS[1] and KEYS[4] when the new status is terminal ('0': none),
-# ARGV[5] a member removed from the set KEYS[3] then, ARGV[6] '1' to keep the job counters in
-# KEYS[2]. Returns {'ok'|'refused'|'missing', previous status}.
-_UPDATE_IF = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {'missing', ''} end
-local curs = cjson.decode(cur)
-local allowed = cjson.decode(ARGV[1])
-if #allowed > 0 then
-  local ok = false
-  for _, s in ipairs(allowed) do if s == curs then ok = true end end
-  if not ok then return {'refused', curs} end
-end
-local fields = cjson.decode(ARGV[3])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-local new = ARGV[2]
-if new ~= '' then
-  redis.call('HSET', KEYS[1], 'status', cjson.encode(new))
-  if ARGV[6] == '1' and new ~= curs then
-    if curs == 'queued' or curs == 'running' then redis.call('HINCRBY', KEYS[2], curs, -1) end
-    redis.call('HINCRBY', KEYS[2], new, 1)
-  end
-  if tonumber(ARGV[4]) > 0 then
-    redis.call('EXPIRE', KEYS[1], ARGV[4])
-    redis.call('EXPIRE', KEYS[4], ARGV[4])
-    if ARGV[5] ~= '' then redis.call('SREM', KEYS[3], ARGV[5]) end
-  end
-end
-return {'ok', curs}
-"""
-
-# Create a job unless the idempotency key KEYS[5] already names one. KEYS: job hash, tenant job
-# index, dataset hash, dataset's job set, idempotency key, job counters. ARGV: job id, encoded
-# fields (JSON object), idempotency value ('' = no key), its TTL, tenant (JSON-encoded).
-_CREATE_JOB = """
-if ARGV[3] ~= '' then
-  local existing = redis.call('GET', KEYS[5])
-  if existing then return {'existing', existing} end
-end
-local st = redis.call('HGET', KEYS[3], 'status')
-if (not st) or redis.call('HGET', KEYS[3], 'tenant') ~= ARGV[5] then return {'no_dataset', ''} end
-if st ~= '"ready"' then return {'dataset_not_ready', cjson.decode(st)} end
-local fields = cjson.decode(ARGV[2])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('HINCRBY', KEYS[6], 'queued', 1)
-if ARGV[3] ~= '' then redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[4]) end
-return {'created', ARGV[1]}
-"""
-
-# Delete a dataset record unless a job still uses it. KEYS: hash, its job set, tenant index.
-# ARGV: dataset id, tenant (JSON-encoded).
-_DELETE_DATASET = """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[2] then return 'missing' end
-if redis.call('SCARD', KEYS[2]) > 0 then return 'busy' end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-return 'deleted'
-"""
-
-# Append an event; its id is its 1-based position. ARGV[1]: the event JSON without `id`.
-_APPEND_EVENT = """
-local id = redis.call('LLEN', KEYS[1]) + 1
-redis.call('RPUSH', KEYS[1], '{"id":' .. id .. ',' .. string.sub(ARGV[1], 2))
-return id
-"""
-
-_RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class StoreError(Exception):
@@ -177,15 +97,15 @@ class JobStore:
         self.r = client
         self.prefix = prefix
         self.job_ttl_s = job_ttl_s
-        self._update_if = client.register_script(_UPDATE_IF)
-        self._create_job = client.register_script(_CREATE_JOB)
-        self._delete_dataset = client.register_script(_DELETE_DATASET)
-        self._append_event = client.register_script(_APPEND_EVENT)
-        self._renew_lock = client.register_script(_RENEW_LOCK)
-        self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._update_if = client.register_script(lua.UPDATE_IF)
+        self._create_job = client.register_script(lua.CREATE_JOB)
+        self._delete_dataset = client.register_script(lua.DELETE_DATASET)
+        self._append_event = client.register_script(lua.APPEND_EVENT)
+        self._renew_lock = client.register_script(lua.RENEW_LOCK)
+        self._release_lock = client.register_script(lua.RELEASE_LOCK)
 
     @classmethod
-    def from_settings(cls, settings) -> "JobStore":
+    def from_settings(cls, settings) -> JobStore:
         return cls(connect(settings.redis_url), settings.key_prefix, settings.job_ttl_s)
 
     # ---- keys ---------------------------------------------------------------------------------
@@ -373,7 +293,7 @@ class JobStore:
         return [JobEvent.model_validate_json(x) for x in raw[:limit]], len(raw) > limit
 
     # ---- locks and liveness -------------------------------------------------------------------
-    def job_lock(self, job_id: str, ttl_s: float) -> "JobLock":
+    def job_lock(self, job_id: str, ttl_s: float) -> JobLock:
         return JobLock(self, self._lock(job_id), ttl_s)
 
     def worker_alive(self, hostname: str, ttl_s: float) -> None:
@@ -488,62 +408,3 @@ def _chunks(it: Iterable[str], n: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-class JobLock:
-    """Who runs a job. Taken with SET NX PX; a heartbeat thread renews it every ttl/3 while the
-    worker runs, so it outlives any stage, yet frees itself within `ttl` of a worker's death."""
-
-    def __init__(self, store: JobStore, key: str, ttl_s: float) -> None:
-        self.store = store
-        self.key = key
-        self.ttl_ms = int(ttl_s * 1000)
-        self.token = secrets.token_hex(8)
-        self.lost = threading.Event()  # set when the lock could not be renewed: stop working
-
-    def acquire(self) -> bool:
-        return bool(self.store.r.set(self.key, self.token, nx=True, px=self.ttl_ms))
-
-    def remaining_s(self) -> float:
-        ms = self.store.r.pttl(self.key)
-        return max(ms, 0) / 1000.0
-
-    def renew(self) -> bool:
-        return bool(self.store._renew_lock(keys=[self.key], args=[self.token, self.ttl_ms]))
-
-    def release(self) -> None:
-        try:
-            self.store._release_lock(keys=[self.key], args=[self.token])
-        except redis.RedisError as exc:  # it expires by itself
-            log.warning("could not release %s: %s", self.key, exc)
-
-    @contextmanager
-    def keepalive(self) -> Iterator["JobLock"]:
-        stop = threading.Event()
-        interval = self.ttl_ms / 3000.0
-
-        def beat() -> None:
-            last_ok = time.monotonic()
-            while not stop.wait(interval):
-                try:
-                    if self.renew():
-                        last_ok = time.monotonic()
-                        continue
-                    log.error("lock %s was taken over or expired: abandoning the job", self.key)
-                    self.lost.set()
-                    return
-                except redis.RedisError as exc:
-                    # Redis away for a moment: keep trying until the lock would have expired.
-                    log.warning("lock %s not renewed (%s)", self.key, exc)
-                    if (time.monotonic() - last_ok) * 1000 > self.ttl_ms:
-                        self.lost.set()
-                        return
-
-        thread = threading.Thread(target=beat, name=f"lock-{self.key}", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join()
-            self.release()

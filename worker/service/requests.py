@@ -6,7 +6,7 @@ same request and seed give the same `PruneConfig`, hence the same selection as t
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
@@ -85,12 +85,13 @@ class PruneRequest(_Forbid):
                                        "surrogate": {"epochs": 200}, "influence": {"solver": "lissa"}}}]})
 
     dataset_id: str = Field(..., max_length=64)
-    budget: Union[StrictInt, StrictFloat] = Field(
+    budget: StrictInt | StrictFloat = Field(
         1024, description="samples to select: a count (64) or a ratio of the samples in (0, 1) (0.02)")
     method: Method = "dealrec"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     limit_users: int | None = Field(None, ge=1, description="keep only the first N users")
-    split: Literal["chrono", "loo"] = Field("chrono", description="interaction logs: chronological 8:1:1 or leave-one-out")
+    split: Literal["chrono", "loo"] = Field("chrono",
+                                            description="interaction logs: chronological 8:1:1 or leave-one-out")
     params: PruneParams = PruneParams()
     finetune: FinetuneParams | None = Field(None, description="fine-tune (and evaluate) the LLM on the selection")
 

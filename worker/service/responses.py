@@ -23,7 +23,7 @@ class DatasetOut(BaseModel):
     validated_at: datetime | None = None
 
     @classmethod
-    def of(cls, rec: DatasetRecord) -> "DatasetOut":
+    def of(cls, rec: DatasetRecord) -> DatasetOut:
         return cls.model_validate(rec.model_dump(exclude={"tenant"}))
 
 
@@ -54,7 +54,7 @@ class JobOut(BaseModel):
     result: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, rec: JobRecord) -> "JobOut":
+    def of(cls, rec: JobRecord) -> JobOut:
         data = rec.model_dump(exclude={"tenant", "worker", "updated_at", "artifacts", "effort_info", "handoff"})
         data["estimated_finish"] = _eta(rec)
         if rec.status == "succeeded" and rec.result is not None:

@@ -6,11 +6,14 @@ Plain environment parsing into a pydantic model: pydantic is already a core depe
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.params import first_error
 
 ENV_PREFIX = "DEALREC_"
 # Stages that run the LLM: they go to `Settings.llm_queue` (a GPU worker's queue in a GPU deployment).
@@ -60,7 +63,7 @@ class Settings(BaseModel):
     worker_heartbeat_s: float = Field(5.0, gt=0.0)
 
     @model_validator(mode="after")
-    def _prefix_nonempty(self) -> "Settings":
+    def _prefix_nonempty(self) -> Settings:
         if not self.key_prefix:
             raise ValueError("key_prefix must not be empty (every key the service writes carries it)")
         return self
@@ -97,7 +100,7 @@ class Settings(BaseModel):
         return out
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
         raw: dict = {}
         for name in cls.model_fields:
@@ -108,9 +111,9 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else "?"
-            raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}") from None
+            err = first_error(exc)
+            field = err.field.split(".")[0] or "?"
+            raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {err.message}") from None
 
 
 def _parse_bool(value: str) -> bool:
