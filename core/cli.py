@@ -266,9 +266,11 @@ def _summary(result, paths) -> None:
         out.write(f"surrogate: best epoch {rep.get('best_epoch')}; valid recall@20 {v.get('recall@20', 0):.4f} "
                   f"ndcg@20 {v.get('ndcg@20', 0):.4f}; test recall@20 {t.get('recall@20', 0):.4f} "
                   f"ndcg@20 {t.get('ndcg@20', 0):.4f}\n")
-    if result.effort_info.get("seconds_per_sample"):
-        out.write(f"effort: {result.effort_info['seconds_per_sample']:.3f} s/sample ({result.effort_info['precision']},"
-                  f" {result.effort_info['device']})\n")
+    info = result.effort_info
+    if info and not info.get("cached"):
+        rate = f", {info['seconds_per_sample']:.3f} s per scored sample" if info.get("scored") else ""
+        out.write(f"effort: {info.get('scored', 0)} scored, {info.get('from_store', 0)} from the store "
+                  f"({info['precision']}, {info['device']}{rate})\n")
     if result.diagnostics:
         from core.diagnostics import summary_lines
 

@@ -16,6 +16,7 @@ QUEUES = ("cpu", "gpu")
 TASK_VALIDATE = "worker.tasks.validate_dataset"
 TASK_RUN = "worker.tasks.run_job"  # args: job id, queue; sent to that queue
 TASK_SWEEP = "worker.tasks.sweep_storage"
+TASK_EFFORT_SHARD = "worker.tasks.effort_shard"  # args: job id, shard index; sent to the LLM queue
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -50,12 +50,19 @@ class JobCancelled(Exception):
     """Raised by the runner itself when it sees the cancel flag outside core's loops."""
 
 
+SHARDS = "effort-shards"  # the handoff of a job whose effort stage its shard tasks are computing
+MAX_SHARD_ROUNDS = 3  # shard rounds before the job's own task scores what is still missing
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """What a task did: the job's status after it, and the queue it handed the job to (if any)."""
+    """What a task did: the job's status after it, the queue it handed the job to (if any), and the
+    number of effort shard tasks to send (their chord continues the job on `shard_queue`)."""
 
     status: str
     next_queue: str | None = None
+    shards: int = 0
+    shard_queue: str | None = None
 
 
 def relative_error(exc: DataError, root: Path) -> dict:
@@ -97,7 +104,7 @@ class JobRunner:
             return Outcome(job.status, owner)
 
         first = job.status == "queued"
-        continuation = not first and job.handoff == queue
+        continuation = not first and job.handoff in (queue, SHARDS)
         fields: dict = {"worker": self.host, "handoff": None, "queue": queue}
         if first:
             fields.update(started_at=_now(), attempts=1)
@@ -185,6 +192,8 @@ class _Segment:
                     continue
                 if self.cancel():
                     raise JobCancelled()
+                if stage == "effort" and (shards := self._dispatch_shards()):
+                    return Outcome("running", shards=shards, shard_queue=self.queue)
                 self._stage(stage)
                 last = stage == self.stages[-1]
                 self._complete(stage, final=last)
@@ -258,7 +267,7 @@ class _Segment:
 
     def _stage(self, stage: str) -> None:
         """One of core's stages through the stage protocol, with what the job adds around it."""
-        if stage in self._STARTING:
+        if stage in self._STARTING and not (stage == "effort" and self.job.handoff == SHARDS):
             self.reporter(stage, 0.0, self._STARTING[stage])
         surrogate_in_memory = "surrogate" in self.ctx.state
         if stage == "outputs":
@@ -273,6 +282,7 @@ class _Segment:
         if stage == "influence" and not surrogate_in_memory and "surrogate" not in self.reused:
             self.reused.append("surrogate")  # trained by an earlier task: loaded from its checkpoint
         if stage == "effort":
+            self._merge_shards()
             self.effort_info = dict(self.ctx.state.get("effort_info") or {})
         elif stage == "outputs":
             self._publish()
@@ -280,6 +290,49 @@ class _Segment:
             self._finetune_result()
         elif stage == "evaluate":
             self._evaluate_result()
+
+    def _dispatch_shards(self) -> int:
+        """Split the samples the store does not hold yet into shard tasks (the task sends them, with
+        this job's continuation as their chord's body). 0 = no sharding: nothing is missing, it is
+        off, or earlier rounds left samples unscored (they are scored here, in this task)."""
+        if not self.settings.effort_shard_tokens:
+            return 0
+        from core.stages.effort import effort_pool, plan_shards
+
+        pool = effort_pool(self.ds, self.cfg.prune.effort, self.ctx.device, self.cache, self.ctx.template)
+        missing = pool.missing
+        if not missing.size:
+            return 0
+        rounds = self.store.get_job(self.job_id).effort_rounds
+        if rounds >= MAX_SHARD_ROUNDS:
+            log.warning("job %s: %d samples still unscored after %d shard rounds: scoring them here",
+                        self.job_id, missing.size, rounds)
+            return 0
+        lengths = pool.tokens[missing]
+        shards = [[int(pool.users[missing[i]]) for i in part]
+                  for part in plan_shards(lengths.tolist(), self.settings.effort_shard_tokens)]
+        position = {u: i for i, u in enumerate(pool.users)}
+        tokens = [int(sum(len(pool.samples[position[u]].ids) for u in part)) for part in shards]
+        self.store.plan_shards(self.job_id, shards, tokens)
+        self.store.update_job(self.job_id, allowed=["running"], handoff=SHARDS, effort_rounds=rounds + 1,
+                              stage="effort")
+        self.store.add_event(self.job_id, f"effort: {missing.size} of {len(pool.samples)} samples to score in "
+                             f"{len(shards)} shard tasks ({len(pool.samples) - missing.size} from the store)",
+                             shards=len(shards), to_score=int(missing.size), round=rounds + 1)
+        return len(shards)
+
+    def _merge_shards(self) -> None:
+        """After shard tasks scored the effort: the stage's time is theirs (from dispatch to now) and
+        the samples they scored count as scored, not as found in the store."""
+        plan = self.store.shard_plan(self.job_id)
+        if plan is None:
+            return
+        info = self.ctx.state.setdefault("effort_info", {})
+        scored = int(plan["to_score"])
+        info.update(scored=scored, from_store=self.ds.n_users - scored, shards=len(plan["plan"]), cached=False)
+        rec = self.ctx.records["effort"]
+        rec.seconds, rec.cached = max(rec.seconds, time.time() - float(plan["started"])), False
+        self.store.drop_shards(self.job_id)
 
     def _publish(self) -> None:
         if self.cancel():  # last look before the outputs become visible

@@ -17,7 +17,7 @@ from functools import lru_cache
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from worker.celery_app import TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app
+from worker.celery_app import TASK_EFFORT_SHARD, TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app
 from worker.service.files import Files
 from worker.service.jobstore import JobStore
 from worker.service.settings import get_settings
@@ -70,6 +70,13 @@ def run_job(self, job_id: str, queue: str) -> str:
         # Run it again later: finished stages are recorded, their artifacts are in the cache.
         log.warning("job %s: job store unavailable (%s); retrying", job_id, exc)
         raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
+    if outcome.shards:
+        try:
+            send_shards(job_id, outcome.shards, outcome.shard_queue)
+        except Exception as exc:  # noqa: BLE001 - broker down: this message stays unacked and comes back
+            log.warning("job %s: could not send its effort shards (%s); retrying", job_id, exc)
+            raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
+        log.info("job %s: effort in %d shard tasks on the %s queue", job_id, outcome.shards, outcome.shard_queue)
     if outcome.next_queue:
         try:
             app.send_task(TASK_RUN, args=[job_id, outcome.next_queue], queue=outcome.next_queue)
@@ -78,6 +85,29 @@ def run_job(self, job_id: str, queue: str) -> str:
             raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
         log.info("job %s handed to the %s queue", job_id, outcome.next_queue)
     return outcome.status
+
+
+def send_shards(job_id: str, n: int, queue: str) -> None:
+    """The job's effort shards as one Celery chord: any worker on `queue` takes any shard; when all
+    have returned, the chord's body continues the job (its effort stage then reads the store)."""
+    from celery import chord
+
+    header = [app.signature(TASK_EFFORT_SHARD, args=[job_id, i], queue=queue, immutable=True) for i in range(n)]
+    chord(header)(app.signature(TASK_RUN, args=[job_id, queue], queue=queue, immutable=True))
+
+
+@app.task(name=TASK_EFFORT_SHARD, bind=True, acks_late=True, max_retries=None)
+def effort_shard(self, job_id: str, index: int) -> str:
+    """One shard of a job's effort stage (worker/effort_shards.py)."""
+    from worker.effort_shards import run_effort_shard
+
+    settings = get_settings()
+    store, files = _context()
+    try:
+        return run_effort_shard(store, files, settings, job_id, index)
+    except redis.RedisError as exc:
+        log.warning("job %s shard %d: job store unavailable (%s); retrying", job_id, index, exc)
+        raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
 
 
 @app.task(name=TASK_SWEEP)

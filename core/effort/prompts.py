@@ -124,6 +124,19 @@ def tokenize_samples(ds: RecDataset, users: Sequence[int], tokenizer, cutoff_len
             for (u, ids, rec), head in zip(cut, heads)]
 
 
+def template_prefix_tokens(tokenizer, template: PromptTemplate | None = None) -> int:
+    """How many leading tokens every prompt of `template` shares whatever its history and target:
+    the common prefix of two renderings that differ right after the template's input prefix, less
+    one token (a merge across that boundary can never reach into it)."""
+    template = template or PromptTemplate()
+    a = tokenizer(format_prompt(template.instruction, template.input_prefix + "a", "a"))["input_ids"]
+    b = tokenizer(format_prompt(template.instruction, template.input_prefix + "z", "z"))["input_ids"]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return max(0, n - 1)
+
+
 def _response_start(ids: Sequence[int], head: Sequence[int]) -> int:
     """First position of the response in `ids`, given `head` = the prompt tokenised without its
     response: len(head) where that is a prefix of `ids` (the usual case), otherwise the first position

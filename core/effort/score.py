@@ -157,6 +157,10 @@ class EffortSettings:
     # "prompt": the loss over every token of the prompt (the reference); "response": over the response
     # tokens only (from each sample's `response_from`: the target title and EOS).
     loss: str = "prompt"
+    # The most prefix tokens shared and cached (None: the pool's longest common prefix). Set from the
+    # prompt template, it makes the prefix the same whatever the pool, so a sample's score does not
+    # depend on which other samples it was scored with (the per-sample store relies on that).
+    prefix_tokens: int | None = None
 
 
 def _to_fp32(x):
@@ -215,6 +219,8 @@ class EffortScorer:
                 k += 1
             common = k
         length = common - 1
+        if self.s.prefix_tokens is not None:
+            length = min(length, self.s.prefix_tokens)
         if self.s.loss == "response":
             # Every response loss term must lie in the sample's own part (after the cached prefix).
             length = min(length, min(x.response_from for x in samples) - 1)
@@ -265,22 +271,29 @@ class EffortScorer:
         return batches
 
     def score(self, samples: Sequence[TokenizedSample], progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None) -> np.ndarray:
-        """Effort score of each sample, in the order given."""
+              cancel: CancelFn | None = None,
+              sink: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+        """Effort score of each sample, in the order given. `sink(indices, scores)` receives each
+        batch's scores as soon as they exist (the per-sample store keeps them, so an interrupted
+        run loses one batch). Progress counts tokens, not samples: long prompts take longer."""
         started = time.perf_counter()
         prefix, const, plen = self._prefix(samples)
         lengths = np.array([len(x.ids) - plen for x in samples])
         out = np.zeros(len(samples), dtype=np.float64)
         batches = self._batches(lengths)
-        done = 0
-        for _bi, idx in enumerate(batches):
+        total_tokens = max(1, int(sum(len(x.ids) for x in samples)))
+        done = done_tokens = 0
+        for idx in batches:
             if cancel is not None and cancel():
                 raise EffortCancelled()
             norms = self._score_batch([samples[i] for i in idx], prefix, const, plen)
             out[idx] = norms
+            if sink is not None:
+                sink(idx, norms)
             done += len(idx)
+            done_tokens += int(sum(len(samples[i].ids) for i in idx))
             if progress is not None:
-                progress(done / len(samples), f"effort {done}/{len(samples)}")
+                progress(done_tokens / total_tokens, f"effort {done}/{len(samples)}")
         log.info("effort: %d samples in %d batches, prefix %d tokens, %.3f s/sample", len(samples),
                  len(batches), plen, (time.perf_counter() - started) / max(len(samples), 1))
         return out

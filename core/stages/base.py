@@ -45,6 +45,7 @@ class StageContext:
     device: torch.device
     cache_dir: Path
     template: PromptTemplate = field(default_factory=PromptTemplate)
+    store_root: Path | None = None  # the per-sample effort store's root (default: cache_dir)
     use_cache: bool = True
     progress: ProgressFn | None = None
     cancel: CancelFn | None = None

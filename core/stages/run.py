@@ -6,8 +6,9 @@ from __future__ import annotations
 from core.data.dataset import RecDataset
 from core.instrument import StageRecord, StageTimer
 from core.stages.base import RunConfig, Stage, StageContext, StageOutput
+from core.stages.effort import run_effort
 from core.stages.llm import run_evaluate, run_finetune
-from core.stages.scoring import run_effort, run_influence, run_surrogate
+from core.stages.scoring import run_influence, run_surrogate
 from core.stages.select import run_outputs, run_selection
 
 STAGES: dict[str, Stage] = {

@@ -83,7 +83,7 @@ def scores_for_selection(cfg: RunConfig, ctx: StageContext) -> dict[str, np.ndar
 
 def run_selection(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutput:
     from core.diagnostics import selection_diagnostics
-    from core.stages.scoring import prompt_token_counts
+    from core.stages.effort import prompt_token_counts
 
     scores = scores_for_selection(cfg, ctx)
     result = selection_stage(ds, cfg.prune, scores, ctx.reporter("selection"))

@@ -292,6 +292,43 @@ class JobStore:
         raw = self.r.lrange(self._events(job_id), after, after + limit)  # one extra: has_more
         return [JobEvent.model_validate_json(x) for x in raw[:limit]], len(raw) > limit
 
+    # ---- effort shards ---------------------------------------------------------------------------
+    def _shards(self, job_id: str) -> str:
+        return self.key("job", job_id, "shards")
+
+    def plan_shards(self, job_id: str, shards: list[list[int]], tokens: list[int]) -> None:
+        """A job's effort split into shards (sample indices, prompt tokens of each): what the shard
+        tasks read, and the denominators of their progress."""
+        key = self._shards(job_id)
+        with self.r.pipeline(transaction=True) as p:
+            p.delete(key)
+            p.hset(key, mapping={"plan": json.dumps(shards), "tokens": json.dumps(tokens),
+                                 "started": json.dumps(time.time()), "to_score": json.dumps(sum(map(len, shards)))})
+            p.expire(key, self.job_ttl_s)
+            p.execute()
+
+    def shard_plan(self, job_id: str) -> dict[str, Any] | None:
+        """{"plan", "tokens", "started", "to_score"} of the job's current shards, or None."""
+        raw = self.r.hmget(self._shards(job_id), "plan", "tokens", "started", "to_score")
+        if raw[0] is None:
+            return None
+        return dict(zip(("plan", "tokens", "started", "to_score"), (json.loads(x) for x in raw)))
+
+    def shard_progress(self, job_id: str, index: int, done_tokens: int) -> float:
+        """Record one shard's progress (prompt tokens scored); returns the fraction of all shards'
+        tokens done."""
+        key = self._shards(job_id)
+        with self.r.pipeline(transaction=False) as p:
+            p.hset(key, f"done:{index}", int(done_tokens))
+            p.hgetall(key)
+            _, fields = p.execute()
+        total = sum(json.loads(fields.get("tokens", "[]"))) or 1
+        done = sum(int(v) for k, v in fields.items() if k.startswith("done:"))
+        return min(1.0, done / total)
+
+    def drop_shards(self, job_id: str) -> None:
+        self.r.delete(self._shards(job_id))
+
     # ---- locks and liveness -------------------------------------------------------------------
     def job_lock(self, job_id: str, ttl_s: float) -> JobLock:
         return JobLock(self, self._lock(job_id), ttl_s)

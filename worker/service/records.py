@@ -91,6 +91,7 @@ class JobRecord(_Record):
     # that does not is a redelivery after its worker died.
     handoff: str | None = None
     attempts: int = 0
+    effort_rounds: int = 0  # times the effort stage was split into shard tasks (a round ends in a merge)
     worker: str | None = None  # host:pid of the worker that last ran it
     cancel_requested: bool = False
     error: ErrorInfo | None = None

@@ -48,6 +48,9 @@ class Settings(BaseModel):
     # The Celery queue of the LLM stages (effort, fine-tuning, evaluation); the others go to `cpu`.
     llm_queue: Literal["cpu", "gpu"] = "gpu"
     torch_threads: int | None = Field(None, ge=1)
+    # The effort stage of a job is split into shard tasks of about this many prompt tokens (length-
+    # balanced), which any number of workers on the LLM queue take; 0 = the job's own task scores it.
+    effort_shard_tokens: int = Field(200_000, ge=0)
     progress_interval_s: float = Field(0.5, ge=0.0)  # least time between two progress writes
     llms: str = ""  # "name=path,..." models a request may name besides "auto"
 
