@@ -25,6 +25,11 @@ def add_service_commands(sub) -> None:
     wk.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"],
                     help="solo (default) or threads on a GPU: CUDA must not be forked")
     wk.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")
+    several = wk.add_mutually_exclusive_group()
+    several.add_argument("--procs", type=int, default=None,
+                         help="CPU: this many worker processes, one torch thread each (one per core)")
+    several.add_argument("--devices", default=None,
+                         help="GPU: one worker process per device, pinned: 'all' or numbers such as 0,1")
     wk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -60,10 +65,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = ["worker", "-Q", ",".join(queues), "--pool", args.pool, "--loglevel", args.log_level.upper()]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
+    if args.procs is not None or args.devices is not None:
+        return _worker_pool(args, argv)
     if args.hostname:
         argv += ["--hostname", args.hostname]
     app.worker_main(argv)
     return 0
+
+
+def _worker_pool(args: argparse.Namespace, argv: list[str]) -> int:
+    """Several worker processes (app/workers.py): one per GPU, or --procs single-thread ones."""
+    from app import workers
+
+    if args.pool != "solo":
+        raise UsageError("--procs and --devices start one solo-pool process each: leave --pool at solo")
+    devices = None
+    if args.devices is not None:
+        import torch
+
+        try:
+            devices = workers.parse_devices(args.devices, torch.cuda.device_count())
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    elif args.procs < 1:
+        raise UsageError("--procs must be at least 1")
+    return workers.supervise(workers.children(argv, args.procs, devices, args.hostname))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from core.effort.score import EffortScorer, effort_reference, find_target  # noq
 from core.influence import fixed_negatives, per_sample_grads, per_sample_grads_loop, samples_with_loss  # noqa: E402
 from core.instrument import StageTimer  # noqa: E402
 from core.pipeline import run_prune  # noqa: E402
-from core.stages.scoring import effort_precision, effort_settings  # noqa: E402
+from core.stages.effort import effort_precision, effort_settings  # noqa: E402
 
 log = logging.getLogger("bench.stages")
 FULL_GAMES = 49_156

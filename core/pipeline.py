@@ -38,16 +38,29 @@ class PruneResult:
     diagnostics: dict | None = None
 
 
+def previous_surrogate(previous: RecDataset, cfg: PruneConfig, cache_dir: Path | None = None) -> Path | None:
+    """The cached surrogate a run with `cfg` trained on `previous` (an earlier version of the data),
+    or None when there is none: what an incremental run warm-starts from."""
+    from core.stages.scoring import surrogate_key
+
+    path = Path(cache_dir or default_cache_dir()) / surrogate_key(previous, cfg) / "surrogate.pt"
+    return path if path.is_file() else None
+
+
 def run_prune(ds: RecDataset, cfg: PruneConfig, *, device: str = "auto", cache_dir: Path | None = None,
               template: PromptTemplate | None = None, progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None, use_cache: bool = True) -> PruneResult:
+              cancel: CancelFn | None = None, use_cache: bool = True,
+              surrogate_init: Path | None = None, store_root: Path | None = None) -> PruneResult:
     """Score and select. `ds` is already loaded (and limited). Returns the selection, all scores
     (the effort as the selection used it, its raw norms as `effort_raw` when corrected, and each
-    sample's `prompt_tokens`) and the selection's diagnostics."""
+    sample's `prompt_tokens`) and the selection's diagnostics. `surrogate_init`: a surrogate
+    checkpoint of a previous version of the data to warm-start from (`previous_surrogate`).
+    `store_root`: where the per-sample effort store lives (default the cache folder)."""
     ctx = StageContext(device=resolve_device(device), cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
-                       template=template or PromptTemplate(), use_cache=use_cache, progress=progress, cancel=cancel)
+                       template=template or PromptTemplate(), use_cache=use_cache, progress=progress, cancel=cancel,
+                       store_root=Path(store_root) if store_root else None)
     stages = stages_for(cfg.selection.method, outputs=False)
-    run = RunConfig(cfg)
+    run = RunConfig(cfg, surrogate_init=surrogate_init)
     for stage in stages[1:]:  # the caller loaded `ds`
         run_stage(stage, ds, run, ctx)
     records = {**skipped(stages), **ctx.records}

@@ -117,6 +117,9 @@ class JobRunner:
             return Outcome(exc.extra.get("status", "unknown"))
         if first:
             self.store.add_event(self.job_id, "job started", worker=self.host, queue=queue)
+        elif continuation and job.handoff == SHARDS:
+            self.store.add_event(self.job_id, "job continues after its effort shards", worker=self.host,
+                                 stages=segment)
         elif continuation:
             self.store.add_event(self.job_id, f"job continues on the {queue} queue", worker=self.host,
                                  stages=segment)
@@ -249,7 +252,11 @@ class _Segment:
             if self.req.finetune.evaluate is not None:
                 evaluate = to_eval_config(self.req, str(self.ctx.adapter_dir), device=self.settings.device,
                                           llm_path=llm_path)
-        self.cfg = RunConfig(prune, finetune, evaluate, self.req.limit_users)
+        init = None
+        if self.req.warm_start and dataset is not None and dataset.parent_id and \
+                {"surrogate", "influence"} & set(self.segment):
+            init = self._previous_surrogate(dataset, prune, announce=first or "surrogate" in self.segment)
+        self.cfg = RunConfig(prune, finetune, evaluate, self.req.limit_users, surrogate_init=init)
         self.ctx.state["finetune_extra_meta"] = {"job_id": self.job_id}
         if first:
             params = {**prune.model_dump(mode="json", by_alias=True), "limit_users": self.req.limit_users,
@@ -260,6 +267,23 @@ class _Segment:
             self._complete("load")
         else:
             self.ctx.records.pop("load")
+
+    def _previous_surrogate(self, dataset, prune, announce: bool) -> Path | None:
+        """The surrogate a job with the same settings trained on the previous version of this
+        dataset, to warm-start from (None: that version or its surrogate is gone)."""
+        from core.pipeline import previous_surrogate
+
+        parent = self.store.get_dataset(dataset.parent_id)
+        found = None
+        if parent is not None and parent.status == "ready" and self.r.files.dataset_files(parent.id).is_dir():
+            previous = load_dataset(self.r.files.dataset_files(parent.id), fmt=parent.format or "auto",
+                                    split=self.req.split, limit_users=self.req.limit_users)
+            found = previous_surrogate(previous, prune, self.cache)
+        if announce:
+            self.store.add_event(self.job_id, "surrogate warm-started from the previous version's" if found else
+                                 "no surrogate of the previous version with these settings: trained from scratch",
+                                 parent_id=dataset.parent_id)
+        return found
 
     _STARTING = {"surrogate": "training the surrogate", "influence": "scoring influence",
                  "effort": "scoring effort with the LLM", "selection": "selecting",
@@ -279,6 +303,10 @@ class _Segment:
         out = run_stage(stage, self.ds, self.cfg, self.ctx)
         if stage in ("surrogate", "influence", "effort") and out.artifact is not None:
             self.artifacts[stage] = str(Path(out.artifact).relative_to(self.cache))
+        if stage == "surrogate" and self.ctx.state.get("surrogate_report"):
+            report = self.ctx.state["surrogate_report"]
+            self.result["surrogate"] = {k: report.get(k) for k in ("best_epoch", "epochs_run", "train_seconds")}
+            self.result["surrogate"]["warm_start"] = self.cfg.surrogate_init is not None
         if stage == "influence" and not surrogate_in_memory and "surrogate" not in self.reused:
             self.reused.append("surrogate")  # trained by an earlier task: loaded from its checkpoint
         if stage == "effort":
@@ -342,9 +370,9 @@ class _Segment:
         self.ctx.out_dir = self.job_dir
         selection = self.ctx.state["selection"]
         n = len(selection.selected)
-        self.result = {"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.prune.selection.budget,
-                       "notes": list(selection.notes), "dataset_fingerprint": self.ds.fingerprint,
-                       "effort": self._effort_summary()}
+        self.result.update({"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.prune.selection.budget,
+                            "notes": list(selection.notes), "dataset_fingerprint": self.ds.fingerprint,
+                            "effort": self._effort_summary()})
         self.store.add_event(self.job_id, f"selected {n} of {self.ds.n_users} samples", n_selected=n,
                              reused_stages=self.reused)
 

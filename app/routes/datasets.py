@@ -20,7 +20,7 @@ from core.data.errors import DataError
 from core.data.precheck import precheck
 from worker.celery_app import TASK_VALIDATE
 from worker.service.jobstore import new_id
-from worker.service.records import DatasetRecord
+from worker.service.records import DatasetRecord, FileInfo
 from worker.service.responses import DatasetList, DatasetOut
 
 log = logging.getLogger(__name__)
@@ -43,30 +43,75 @@ _UPLOAD_DOC = {
 async def upload_dataset(request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the dataset")
                          ) -> DatasetOut:
-    """Stream the files to files and check their encoding and headers (a 400 naming the file, line
-    and field, and nothing stored); a worker then validates them in full (`validating` -> `ready` |
-    `invalid`)."""
+    """Stream the files to the storage root and check their encoding and headers (a 400 naming the
+    file, line and field, and nothing stored); a worker then validates them in full (`validating` ->
+    `ready` | `invalid`)."""
     ctx = get_ctx(request)
-    s = ctx.settings
     tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
     try:
-        raw = tmp / "raw"
-        raw.mkdir()
-        files = await receive_files(request, raw, s.max_upload_bytes)
-        archives = [f for f in files if is_archive(f.name)]
-        if archives:
-            if len(files) != 1:
-                raise ApiError(400, "invalid_request", "send either one archive or the data files, not both")
-            files = await run_in_threadpool(unpack, raw / archives[0].name, tmp / "files",
-                                            s.max_unpacked_bytes, s.max_archive_files)
-        else:
-            os.rename(raw, tmp / "files")
+        files = await _receive(request, ctx, tmp, tmp / "files")
         await run_in_threadpool(_precheck, tmp / "files")
         rec = DatasetRecord(id=new_id("ds"), tenant=tenant, name=name, files=files)
         await run_in_threadpool(_register, ctx, rec, tmp / "files")
         return DatasetOut.of(rec)
     finally:
         await run_in_threadpool(ctx.files.remove, tmp)
+
+
+@router.post("/datasets/{dataset_id}/versions", status_code=202, response_model=DatasetOut,
+             openapi_extra=_UPLOAD_DOC,
+             responses={400: {"description": "an addition that cannot be appended or whose result fails the checks"},
+                        404: {"description": "no such dataset"}, 409: {"description": "the dataset is not ready"},
+                        413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
+async def extend_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant),
+                         name: str | None = Query(None, max_length=200, description="a label for the new version")
+                         ) -> DatasetOut:
+    """A new version of a dataset: its files with the uploaded files appended to those of the same
+    name (a repeated header line is dropped) or added. The new version is a dataset of its own
+    (`parent_id` names the old one, which is left unchanged); a prune job on it reuses the effort
+    scores of every sample whose prompt did not change and starts its surrogate from the previous
+    version's (`warm_start`)."""
+    from core.data.extend import extend_files
+
+    ctx = get_ctx(request)
+    checked_id("ds", dataset_id, "dataset")
+    parent = ctx.store.get_dataset(dataset_id, tenant)
+    if parent is None:
+        raise not_found("dataset", dataset_id)
+    if parent.status != "ready":
+        raise ApiError(409, "dataset_not_ready", f"dataset {dataset_id} is {parent.status}, not ready")
+    tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
+    try:
+        await _receive(request, ctx, tmp, tmp / "addition")
+        try:
+            await run_in_threadpool(extend_files, ctx.files.dataset_files(dataset_id), tmp / "addition",
+                                    tmp / "files")
+        except DataError as exc:
+            raise invalid_dataset(exc, tmp / "addition") from None
+        await run_in_threadpool(_precheck, tmp / "files")
+        files = [FileInfo(name=p.name, bytes=p.stat().st_size) for p in sorted((tmp / "files").iterdir())]
+        rec = DatasetRecord(id=new_id("ds"), tenant=tenant, name=name or parent.name, files=files,
+                            parent_id=dataset_id)
+        await run_in_threadpool(_register, ctx, rec, tmp / "files")
+        return DatasetOut.of(rec)
+    finally:
+        await run_in_threadpool(ctx.files.remove, tmp)
+
+
+async def _receive(request: Request, ctx: ServiceContext, tmp: Path, dest: Path) -> list[FileInfo]:
+    """The multipart files (several files, or one archive unpacked) into `dest`, within the limits."""
+    s = ctx.settings
+    raw = tmp / "raw"
+    raw.mkdir()
+    files = await receive_files(request, raw, s.max_upload_bytes)
+    archives = [f for f in files if is_archive(f.name)]
+    if archives:
+        if len(files) != 1:
+            raise ApiError(400, "invalid_request", "send either one archive or the data files, not both")
+        return await run_in_threadpool(unpack, raw / archives[0].name, dest, s.max_unpacked_bytes,
+                                       s.max_archive_files)
+    os.rename(raw, dest)
+    return files
 
 
 def _precheck(folder: Path) -> None:

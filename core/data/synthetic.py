@@ -25,3 +25,20 @@ def dealrec_layout_files(n_users: int = 40, n_items: int = 30, seed: int = 0) ->
         "items.tsv": ("\n".join(items) + "\n").encode(),
         "users.tsv": ("\n".join(users) + "\n").encode(),
     }
+
+
+def split_users(files: dict[str, bytes], n_old: int) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """A layout's files as (its first `n_old` users, the other users as an addition in the form
+    `dealrec extend` takes: the same files, each header line sent again). The item table stays
+    whole in the first part (the catalogue is known before the new users arrive)."""
+    old, new = {}, {}
+    for name, data in files.items():
+        if name == "items.tsv":
+            old[name] = data
+            continue
+        lines = data.decode().splitlines(keepends=True)
+        head = lines[:1] if name.endswith(".tsv") else []
+        body = lines[len(head):]
+        old[name] = "".join(head + body[:n_old]).encode()
+        new[name] = "".join(head + body[n_old:]).encode()
+    return old, new

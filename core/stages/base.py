@@ -38,6 +38,8 @@ class RunConfig:
     finetune: FinetuneConfig | None = None
     evaluate: LLMEvalConfig | None = None
     limit_users: int | None = None  # recorded in selection.json, so a later step loads the same slice
+    # A surrogate checkpoint of a previous version of the data to warm-start from (None: from scratch).
+    surrogate_init: Path | None = None
 
 
 @dataclass

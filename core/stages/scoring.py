@@ -23,19 +23,24 @@ from core.stages.base import RunConfig, StageContext, StageOutput
 log = logging.getLogger(__name__)
 
 
-def surrogate_key(ds: RecDataset, cfg: PruneConfig) -> str:
-    return cache_key("surrogate", data=ds.fingerprint, cfg=key_dump(cfg.surrogate), seed=cfg.seed)
+def surrogate_key(ds: RecDataset, cfg: PruneConfig, init: Path | None = None) -> str:
+    """The surrogate's cache key; a warm-started one also names the checkpoint it started from (by
+    its own key: content-addressed), a cold one keeps the key it always had."""
+    warm = {"warm_from": Path(init).parent.name} if init is not None else {}
+    return cache_key("surrogate", data=ds.fingerprint, cfg=key_dump(cfg.surrogate), seed=cfg.seed, **warm)
 
 
-def influence_key(ds: RecDataset, cfg: PruneConfig) -> str:
-    return cache_key("influence", surrogate=surrogate_key(ds, cfg), cfg=key_dump(cfg.influence), seed=cfg.seed)
+def influence_key(ds: RecDataset, cfg: PruneConfig, init: Path | None = None) -> str:
+    return cache_key("influence", surrogate=surrogate_key(ds, cfg, init), cfg=key_dump(cfg.influence),
+                     seed=cfg.seed)
 
 
-def surrogate_stage(ds, cfg, dev, cache_dir, progress=None, cancel=None, use_cache=True):
-    """(model, training report, checkpoint path, reused from the cache): trained, or loaded."""
+def surrogate_stage(ds, cfg, dev, cache_dir, progress=None, cancel=None, use_cache=True, init: Path | None = None):
+    """(model, training report, checkpoint path, reused from the cache): trained, or loaded. `init`:
+    a checkpoint (of a previous version of the data) to warm-start from."""
     from core.surrogate.train import load_checkpoint, save_checkpoint, train_surrogate
 
-    path = cache_dir / surrogate_key(ds, cfg) / "surrogate.pt"
+    path = cache_dir / surrogate_key(ds, cfg, init) / "surrogate.pt"
     if use_cache and path.is_file():
         try:
             model, extra = load_checkpoint(path, device=dev)
@@ -45,8 +50,13 @@ def surrogate_stage(ds, cfg, dev, cache_dir, progress=None, cancel=None, use_cac
             return model, json.loads(extra.get("report_json", "null")), path, True
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             log.warning("surrogate cache %s unreadable (%s): retraining", path, exc)
+    state = None
+    if init is not None:
+        state = load_checkpoint(init, device=dev)[0].state_dict()
+        log.info("surrogate: warm start from %s", Path(init).parent.name)
     torch.manual_seed(cfg.seed)
-    model, report = train_surrogate(ds, cfg.surrogate, cfg.seed, device=dev, progress=progress, cancel=cancel)
+    model, report = train_surrogate(ds, cfg.surrogate, cfg.seed, device=dev, progress=progress, cancel=cancel,
+                                    init_state=state)
     if use_cache:
         save_checkpoint(model, path, {"report_json": json.dumps(report, default=float), "fingerprint": ds.fingerprint})
     return model, report, path, False
@@ -56,12 +66,12 @@ SCORE_ARRAYS = ("influence", "grand", "el2n")
 
 
 def influence_stage(model, ds, cfg, dev, cache_dir, progress=None, cancel=None,
-                    use_cache=True) -> tuple[dict[str, np.ndarray], Path, bool]:
+                    use_cache=True, init: Path | None = None) -> tuple[dict[str, np.ndarray], Path, bool]:
     """({influence, grand, el2n} per sample, path of their .npz, reused from the cache) from the
-    trained surrogate."""
+    trained surrogate (`init`: the checkpoint that surrogate was warm-started from, for the key)."""
     from core.influence import influence_scores
 
-    path = cache_dir / influence_key(ds, cfg) / "scores.npz"
+    path = cache_dir / influence_key(ds, cfg, init) / "scores.npz"
     cached = load_arrays(path) if use_cache else None
     if cached is not None and all(k in cached for k in SCORE_ARRAYS):
         log.info("influence: reusing cached scores %s", path.parent.name)
@@ -81,7 +91,7 @@ def influence_stage(model, ds, cfg, dev, cache_dir, progress=None, cancel=None,
 
 def run_surrogate(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutput:
     model, report, path, cached = surrogate_stage(ds, cfg.prune, ctx.device, ctx.cache_dir, ctx.reporter("surrogate"),
-                                                  ctx.cancel, ctx.use_cache)
+                                                  ctx.cancel, ctx.use_cache, cfg.surrogate_init)
     ctx.state["surrogate"], ctx.state["surrogate_report"] = model, report
     return StageOutput(path, cached)
 
@@ -89,7 +99,8 @@ def run_surrogate(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOut
 def trained_surrogate(ds: RecDataset, cfg: RunConfig, ctx: StageContext):
     """The surrogate a "surrogate" stage trained: from this process, else its checkpoint."""
     if "surrogate" not in ctx.state:
-        model, report, _, _ = surrogate_stage(ds, cfg.prune, ctx.device, ctx.cache_dir, None, ctx.cancel)
+        model, report, _, _ = surrogate_stage(ds, cfg.prune, ctx.device, ctx.cache_dir, None, ctx.cancel,
+                                              init=cfg.surrogate_init)
         ctx.state["surrogate"], ctx.state["surrogate_report"] = model, report
     return ctx.state["surrogate"]
 
@@ -97,7 +108,7 @@ def trained_surrogate(ds: RecDataset, cfg: RunConfig, ctx: StageContext):
 def run_influence(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutput:
     model = trained_surrogate(ds, cfg, ctx)
     arrays, path, cached = influence_stage(model, ds, cfg.prune, ctx.device, ctx.cache_dir, ctx.reporter("influence"),
-                                           ctx.cancel, ctx.use_cache)
+                                           ctx.cancel, ctx.use_cache, cfg.surrogate_init)
     ctx.scores.update(arrays)
     return StageOutput(path, cached)
 

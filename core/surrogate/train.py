@@ -151,13 +151,17 @@ def _train_epoch(model: SASRec, ds: RecDataset, users: np.ndarray, cfg: Surrogat
 def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: torch.device | str = "cpu",
                     progress: Callable[[float, str], None] | None = None,
                     cancel: Callable[[], bool] | None = None,
-                    train_users: Sequence[int] | None = None) -> tuple[SASRec, dict[str, Any]]:
+                    train_users: Sequence[int] | None = None,
+                    init_state: dict[str, torch.Tensor] | None = None) -> tuple[SASRec, dict[str, Any]]:
     """Train SASRec on the users' training lines; keep the state with the best validation Recall@20.
 
     Evaluates on valid every `cfg.eval_every` epochs (and after the last epoch), stops after
     `cfg.patience` evaluations without a strictly better Recall@20, restores the best state.
     `train_users` restricts training and validation to a subset; the test metrics in the report are
     always over all users (so subset-trained surrogates compare on the same test set).
+    `init_state` warm-starts from an earlier model of the same shape (a previous version of the
+    data): its weights are loaded before the first epoch, its item embeddings for the items it knew
+    (items are appended, so item i keeps its row); early stopping then ends training as usual.
     Deterministic on CPU for a given (ds, cfg, seed). Raises `Cancelled` when `cancel()` is True.
 
     Returns (model in eval mode, report) with report keys: best_epoch, epochs_run, stopped_early,
@@ -167,6 +171,8 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SASRec(ds.n_items, cfg).to(device)
+    if init_state is not None:
+        warm_start(model, init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     users = _trainable_users(ds, train_users)
     if len(users) == 0:
@@ -219,11 +225,32 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
         "train_seconds": train_seconds,
         "train_users": int(len(users)),
         "history": history,
+        "warm_start": init_state is not None,
     }
     logger.info("surrogate: best epoch %d, valid %s %.4f, test %s %.4f, %.1f s", best_epoch, CRITERION,
                 best_valid.get(CRITERION, float("nan")), CRITERION, test.get(CRITERION, float("nan")),
                 train_seconds)
     return model, report
+
+
+def warm_start(model: SASRec, state: dict[str, torch.Tensor]) -> None:
+    """Load an earlier model's weights into `model`: every tensor of the same shape as is, and the
+    rows of the item embedding table the earlier model had (a grown catalogue keeps the new rows'
+    fresh, seeded initialisation). A tensor of another shape (other hyper-parameters) is an error."""
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in own:
+                raise ValueError(f"warm start: the earlier surrogate has a weight '{name}' this one lacks")
+            target = own[name]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif name == "item_embeddings.weight" and value.shape[1:] == target.shape[1:] \
+                    and value.shape[0] <= target.shape[0]:
+                target[:value.shape[0]].copy_(value)
+            else:
+                raise ValueError(f"warm start: '{name}' is {tuple(value.shape)} in the earlier surrogate, "
+                                 f"{tuple(target.shape)} here")
 
 
 # ----------------------------------------------------------------------------------------------

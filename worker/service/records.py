@@ -57,6 +57,7 @@ class DatasetRecord(_Record):
     errors: list[ErrorInfo] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=utcnow)
     validated_at: datetime | None = None
+    parent_id: str | None = None  # the dataset this version extends (POST /v1/datasets/{id}/versions)
 
 
 class StageTiming(_Record):

@@ -94,6 +94,9 @@ class PruneRequest(_Forbid):
                                             description="interaction logs: chronological 8:1:1 or leave-one-out")
     params: PruneParams = PruneParams()
     finetune: FinetuneParams | None = Field(None, description="fine-tune (and evaluate) the LLM on the selection")
+    warm_start: bool = Field(True, description="on a version of another dataset: start the surrogate from the one a "
+                                               "job with the same settings trained on the previous version (early-"
+                                               "stopped as usual); false: train it from scratch")
 
     @field_validator("budget")
     @classmethod

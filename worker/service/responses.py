@@ -21,6 +21,7 @@ class DatasetOut(BaseModel):
     errors: list[ErrorInfo] = Field(default_factory=list)
     created_at: datetime
     validated_at: datetime | None = None
+    parent_id: str | None = None  # the dataset this one is a version of
 
     @classmethod
     def of(cls, rec: DatasetRecord) -> DatasetOut:
