@@ -8,9 +8,10 @@ and scores Recall/NDCG@10/20/50. The test users are the same for every row (thei
 the evaluation's, not the training seed), so two methods can be compared user by user: the report
 adds a paired bootstrap interval for the difference of each method against the first one.
 
-Each result is kept as JSON under OUT/llm-cells/ (an interrupted run resumes); adapters live in
-core's cache folder, keyed like their cell, so an evaluation interrupted after its fine-tuning
-reuses the adapter. The `base` row evaluates the LLM without any fine-tuning.
+Each result is kept as JSON under OUT/llm-cells/ (an interrupted run resumes); adapters are kept
+under OUT/llm-adapters/, keyed by what they depend on, so an evaluation interrupted after its
+fine-tuning reuses the adapter, in a later session too when OUT is committed (a LoRA adapter of
+SmolLM2 is under 2 MB). The `base` row evaluates the LLM without any fine-tuning.
 """
 
 from __future__ import annotations
@@ -138,8 +139,12 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
     finetune: dict[str, Any] | None = None
     adapter = None
     if cell.method != BASE:
-        adapter = ctx.cache_dir / "bench-llm" / cell.adapter_key(ctx.ds, args, selected) / "adapter"
+        key = cell.adapter_key(ctx.ds, args, selected)
+        adapter = ctx.out / "llm-adapters" / key.rsplit("-", 1)[1]
         meta = None if args.fresh else read_meta(adapter)
+        if meta is None and not args.fresh:  # where earlier runs kept it
+            legacy = ctx.cache_dir / "bench-llm" / key / "adapter"
+            adapter, meta = (legacy, m) if (m := read_meta(legacy)) is not None else (adapter, None)
         if meta is None:
             ctx.status(f"{cell.label()} finetune: loading")
             meta = run_finetune(ctx.ds, selected, finetune_config(args, cell.seed), adapter, cache_dir=ctx.cache_dir,

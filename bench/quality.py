@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--report", default="results",
                     help="name of the surrogate-level report files in OUT (results: results.md/.png/.json); the "
                          "cells are shared by every report of OUT")
+    ap.add_argument("--effort-store", default=None,
+                    help="root of the per-sample effort store (default: the cache folder); a folder under OUT "
+                         "that is committed lets effort scoring resume in a later session")
     ap.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run only every N-th cell starting at I (0-based): one process per core, then one run "
@@ -241,7 +244,7 @@ def pruned_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     cfg = cell.cfg(ctx.args)
     t0 = time.perf_counter()
     ctx.status(f"{cell.method} s{cell.seed} b{cell.budget} select")
-    pruned = run_prune(ctx.ds, cfg, device=ctx.args.device, cache_dir=ctx.cache_dir,
+    pruned = run_prune(ctx.ds, cfg, device=ctx.args.device, cache_dir=ctx.cache_dir, store_root=ctx.args.effort_store,
                        progress=lambda stage, frac, msg="": ctx.status(
                            f"{cell.method} s{cell.seed} b{cell.budget} {stage}: {msg}"))
     select_seconds = time.perf_counter() - t0

@@ -161,7 +161,8 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     assert all(u["nll"] > 0 and u["answer_tokens"] >= 1 for c in saved_cells(out) for u in c["users"])
     saved = saved_cells(out)
     assert len({tuple(u["user"] for u in c["users"]) for c in saved}) == 1  # the same test users in every row
-    assert len(list((cache / "bench-llm").glob("*/adapter/adapter_config.json"))) == 2
+    # The adapters are kept beside the cells (committed with them, a later session resumes from them).
+    assert len(list((out / "llm-adapters").glob("*/adapter_config.json"))) == 2
     table = (out / "llm.md").read_text()
     assert "--llm-eval" in table and "| Random | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
     assert "| Random | **all** | 9 |" in table and "NLL difference" in table
