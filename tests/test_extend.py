@@ -100,3 +100,19 @@ def test_extend_then_prune_warm_started(tmp_path):
     assert cold.returncode == 0 and len(list(cache.glob("surrogate-*"))) == 3
     r = _dealrec("extend", "--data", old, "--add", add, "--out", tmp_path / "v2", cache=cache)
     assert r.returncode == 2 and "exists" in r.stderr
+
+
+def test_a_warm_started_surrogate_is_never_worse_on_validation_than_its_start(tmp_path):
+    from core.surrogate.train import train_surrogate
+
+    old_files, new_files = _split_users(60, 20, seed=7)
+    old = load_dataset(_write(tmp_path / "old", old_files))
+    extend_files(tmp_path / "old", _write(tmp_path / "add", new_files), tmp_path / "v2")
+    new = load_dataset(tmp_path / "v2")
+    cfg = SurrogateConfig(hidden_size=16, num_heads=2, num_layers=1, epochs=8, eval_every=1, patience=2)
+    previous, _ = train_surrogate(old, cfg, seed=0)
+    _, report = train_surrogate(new, cfg, seed=0, init_state=previous.state_dict())
+    start = report["history"][0]
+    assert start["epoch"] == 0 and start["loss"] is None
+    assert report["valid"]["recall@20"] >= start["recall@20"]
+    assert report["warm_start"] is True

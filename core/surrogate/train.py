@@ -161,7 +161,8 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
     always over all users (so subset-trained surrogates compare on the same test set).
     `init_state` warm-starts from an earlier model of the same shape (a previous version of the
     data): its weights are loaded before the first epoch, its item embeddings for the items it knew
-    (items are appended, so item i keeps its row); early stopping then ends training as usual.
+    (items are appended, so item i keeps its row); the loaded model is evaluated before the first
+    epoch and is the best state until an epoch beats it; early stopping then ends training as usual.
     Deterministic on CPU for a given (ds, cfg, seed). Raises `Cancelled` when `cancel()` is True.
 
     Returns (model in eval mode, report) with report keys: best_epoch, epochs_run, stopped_early,
@@ -188,6 +189,16 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
     epoch = 0
     stopped_early = False
     t0 = time.perf_counter()
+    if init_state is not None:
+        # A warm start begins from a trained model: it is the first candidate for the best state, so
+        # that the first epochs of a fresh optimiser (Adam's early steps are large) cannot leave a
+        # model worse on validation than the one it started from.
+        valid = evaluate(model, ds, "valid", device=device, users=train_users)
+        history.append({"epoch": 0, "loss": None, **valid})
+        if valid["users"] > 0:
+            best_score, best_valid = valid[CRITERION], valid
+            best_state = copy.deepcopy(model.state_dict())
+        logger.info("surrogate: warm start, epoch 0 valid %s %.4f", CRITERION, valid[CRITERION])
     for epoch in range(1, cfg.epochs + 1):
         loss = _train_epoch(model, ds, users, cfg, opt, rng, device, cancel)
         message = f"epoch {epoch}/{cfg.epochs} loss {loss:.4f}"
