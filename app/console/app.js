@@ -228,7 +228,7 @@ function parseHash() {
   return {parts: path.split("/").filter(Boolean), query: new URLSearchParams(query || "")};
 }
 
-async function route() {
+async function route(ev) {
   stopPolling();
   showError(null);
   const token = ++viewToken;
@@ -256,7 +256,11 @@ async function route() {
     if (token === viewToken) showError(e);
   }
   const title = $("h1", main);
-  if (title && token === viewToken) { title.setAttribute("tabindex", "-1"); }
+  if (title && token === viewToken) {
+    title.setAttribute("tabindex", "-1");
+    // After a navigation, the keyboard (and a screen reader) starts at the new page's heading.
+    if (ev && ev.type === "hashchange" && !main.contains(document.activeElement)) title.focus({preventScroll: true});
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -589,8 +593,7 @@ async function newJobView(main, token, query) {
     for (const f of fields) f.input.removeAttribute("aria-invalid");
     const body = {dataset_id: dsSelect.value};
     const b = Number(budgetInput.value);
-    body.budget = modeRatio.checked ? b : Math.round(b);
-    if (modeRatio.checked && Number.isInteger(b)) body.budget = b;  // the API says why a whole ratio is wrong
+    body.budget = modeRatio.checked ? b : Math.round(b);  // a ratio outside (0, 1): the API says why
     for (const f of fields) {
       const top = f.path[0];
       if (top === "finetune" && !ftOn.checked) continue;

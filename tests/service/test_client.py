@@ -199,3 +199,19 @@ def test_the_client_loads_neither_torch_nor_core():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
+
+
+# The tiny random Llama the test server offers as `tiny`: effort, fine-tuning and evaluation in seconds.
+TINY_FINETUNE = {"epochs": 1, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 1,
+                 "evaluate": {"test_users": 4, "num_beams": 2, "max_new_tokens": 6}}
+
+
+def test_dealrec_job_with_finetuning_and_its_adapter(acme, dataset, tmp_path):
+    job = acme.jobs.create(dataset, budget=8, method="dealrec", seed=1, params={**FAST, "effort": {"llm": "tiny"}},
+                           finetune=TINY_FINETUNE).wait(timeout=300)
+    rows = job.scores()
+    assert all(r["effort"] is not None and r["influence"] is not None for r in rows)
+    assert job.result["finetune"]["train_samples"] == 8 and "recall@10" in job.result["metrics"]
+    folder = job.download_adapter(tmp_path / "adapter")
+    assert (folder / "adapter_config.json").is_file() and (folder / "finetune.json").is_file()
+    assert json.loads((folder / "finetune.json").read_text())["epochs_run"] == 1

@@ -86,25 +86,31 @@ def upload(driver, folder: Path, name: str) -> str:
     return wait(driver, lambda d: text_of(d, "#upload-result"), what="the upload's outcome")
 
 
-def start_job(driver, dataset_id: str, method: str, budget: int, seed: int, fast: bool) -> str:
+def fill(driver, values: dict[str, object]) -> None:
+    for sel, value in values.items():
+        box = css(driver, sel)[0]
+        box.clear()
+        box.send_keys(str(value))
+
+
+def start_job(driver, dataset_id: str, method: str, budget: int, seed: int, fast: bool,
+              more: dict[str, object] | None = None, finetune: dict[str, object] | None = None) -> str:
     base = driver.current_url.split("#")[0]
     driver.get(base + "#/jobs")  # a hash change even when the form is open already: a fresh form
     driver.get(base + f"#/new?dataset={dataset_id}")
     wait(driver, lambda d: css(d, "#job-form #f-method"), what="the job form")
     assert Select(css(driver, "#f-dataset_id")[0]).first_selected_option.get_attribute("value") == dataset_id
     Select(css(driver, "#f-method")[0]).select_by_value(method)
-    for sel, value in (("#f-budget", budget), ("#f-seed", seed)):
-        box = css(driver, sel)[0]
-        box.clear()
-        box.send_keys(str(value))
+    fill(driver, {"#f-budget": budget, "#f-seed": seed})
+    for summary in css(driver, "#job-form details > summary"):
+        summary.click()  # open the surrogate / influence / effort blocks
     if fast:
-        for summary in css(driver, "#job-form details > summary"):
-            summary.click()  # open the surrogate / influence blocks
-        for sel, value in (("#f-params__surrogate__epochs", 2), ("#f-params__surrogate__eval_every", 1),
-                           ("#f-params__influence__lissa_steps", 200)):
-            box = css(driver, sel)[0]
-            box.clear()
-            box.send_keys(str(value))
+        fill(driver, {"#f-params__surrogate__epochs": 2, "#f-params__surrogate__eval_every": 1,
+                      "#f-params__influence__lissa_steps": 200})
+    fill(driver, more or {})
+    if finetune is not None:
+        css(driver, "#finetune-on")[0].send_keys(Keys.SPACE)  # the keyboard again
+        fill(driver, finetune)
     css(driver, "#job-submit")[0].click()
     wait(driver, lambda d: "#/jobs/job_" in d.current_url, what="the job page")
     return driver.current_url.rsplit("/", 1)[1]
@@ -189,12 +195,27 @@ def test_console_end_to_end(browser, api_server, worker, api, downloads, tmp_pat
     time.sleep(0.3)
     assert target.read_text() == api("GET", f"/v1/jobs/{job_id}/selection?format=csv").text
 
+    # DEALRec with the tiny LLM the server offers, fine-tuned and evaluated (the form's fine-tuning
+    # block): effort on the vertical axis, the metrics, the adapter's download.
+    full_id = start_job(d, dataset_id, "dealrec", 8, 0, fast=True, more={"#f-params__effort__llm": "tiny"},
+                        finetune={"#f-finetune__epochs": 1, "#f-finetune__batch_size": 8,
+                                  "#f-finetune__evaluate__test_users": 4, "#f-finetune__evaluate__num_beams": 2,
+                                  "#f-finetune__evaluate__max_new_tokens": 6})
+    wait_succeeded(d, timeout=300)
+    request = api("GET", f"/v1/jobs/{full_id}").json()["request"]
+    assert request["finetune"]["epochs"] == 1 and request["finetune"]["evaluate"]["test_users"] == 4
+    assert request["params"]["effort"]["llm"] == "tiny"
+    assert len(css(d, "#scatter circle.pt")) == 40 and len(css(d, "#scatter circle.pt.selected")) == 8
+    assert "computed no effort" not in text_of(d, "#scatter-figure figcaption")
+    assert css(d, "#finetune-result") and len(css(d, "#eval-metrics tbody tr")) == 2
+    assert css(d, "#download-adapter")
+
     # Screenshots of the job page, and no sideways scrolling at 390 px.
     shots = Path(os.environ.get("DEALREC_CONSOLE_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     for width in (1280, 390):
         d.set_window_size(width, 1000)
-        d.get(api_server.url + f"/#/jobs/{job_id}")
+        d.get(api_server.url + f"/#/jobs/{full_id}")
         d.refresh()
         wait_succeeded(d)
         assert d.execute_script("return document.documentElement.scrollWidth") <= width + 1, width
@@ -202,13 +223,15 @@ def test_console_end_to_end(browser, api_server, worker, api, downloads, tmp_pat
         d.set_window_size(width, min(height + 140, 6000))
         time.sleep(0.3)
         d.save_screenshot(str(shots / f"console-job-{width}.png"))
+        if width == 1280:  # the selection report alone (docs/console-job.png is this one, made smaller)
+            css(d, "#report")[0].screenshot(str(shots / "console-report-1280.png"))
     d.set_window_size(1280, 1000)
 
     # The jobs list, filtered: both jobs; each links to its page.
     d.get(api_server.url + "/#/jobs?status=succeeded")
     wait(d, lambda x: css(x, "#jobs-table"), what="the jobs list")
     listed = {a.text for a in css(d, "#jobs-table tbody a")}
-    assert {random_id, job_id} <= listed
+    assert {random_id, job_id, full_id} <= listed
 
     # Forgetting the key leaves nothing of the tenant's on the page.
     css(d, "#forget-key")[0].click()
