@@ -1,4 +1,5 @@
-"""The `dealrec` command: core's commands (prune, inspect) plus the service's `serve` and `worker`.
+"""The `dealrec` command: core's commands (prune, inspect) plus the service's `serve` and `worker`, and
+`remote prune` (the Python client, dealrec_client).
 
 It lives here, not in core, so that core never imports the service; the service's own imports stay
 inside the two commands, so `dealrec prune` works without the `service` extras."""
@@ -31,6 +32,12 @@ def add_service_commands(sub) -> None:
     several.add_argument("--devices", default=None,
                          help="GPU: one worker process per device, pinned: 'all' or numbers such as 0,1")
     wk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    try:  # the client needs httpx (the service extras); `dealrec prune` must work without it
+        from dealrec_client.cli import add_remote_command
+    except ImportError:
+        return
+    add_remote_command(sub)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,9 +99,15 @@ def _worker_pool(args: argparse.Namespace, argv: list[str]) -> int:
     return workers.supervise(workers.children(argv, args.procs, devices, args.hostname))
 
 
+def cmd_remote(args: argparse.Namespace) -> int:
+    from dealrec_client.cli import cmd_remote as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     return core_main(argv, extra_commands=add_service_commands,
-                     extra_handlers={"serve": cmd_serve, "worker": cmd_worker})
+                     extra_handlers={"serve": cmd_serve, "worker": cmd_worker, "remote": cmd_remote})
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ from fastapi import FastAPI
 from app import errors
 from app.auth import Authenticator, load_keys
 from app.context import ServiceContext
-from app.routes import datasets, jobs, ops
+from app.routes import console, datasets, jobs, ops
 from worker.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """DEALRec data pruning over HTTP: upload a dataset, start a pruning job, poll it,
-download the selected sample ids. Authenticate with `Authorization: Bearer <key>`.
+download the selected sample ids. Authenticate with `Authorization: Bearer <key>`. A web console is at `/`.
 Every error is JSON: `{"error": {"code": "...", "message": "..."}}`."""
 
 
@@ -34,4 +34,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(ops.router)
+    app.include_router(console.router)  # the web console at /
     return app

@@ -1,6 +1,6 @@
 """The package layering holds: core imports neither the web layer nor the queue; the service layer
 (worker/service) imports nothing of app/ or of the worker's runtime; the API process never loads
-torch (it would cost every API worker seconds and hundreds of MB)."""
+torch (it would cost every API worker seconds and hundreds of MB); the Python client imports none of them."""
 
 from __future__ import annotations
 
@@ -59,3 +59,10 @@ def test_the_api_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", "importing app.main loaded torch"
+
+
+@pytest.mark.parametrize("path", python_files("dealrec_client"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_client_stands_alone(path):
+    """The Python client needs httpx only: it ships without the service, core or torch."""
+    bad = {m for m in imported_modules(path) if _top(m) in ("app", "worker", "core", "bench", "torch", "numpy")}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
