@@ -1,6 +1,7 @@
 """The DEALRec reference layout: a folder already split into per-user train / valid / test lines.
 
-    sequential_train.txt   user_id item_id item_id ...   (one line per user, at least one item)
+    sequential_train.txt   user_id [item_id ...]         (one line per user; a user without items has
+                                                          no training sample but may be evaluated)
     sequential_valid.txt   user_id [item_id ...]         (same users, same order)
     sequential_test.txt    user_id [item_id ...]         (same users, same order)
     items.tsv              item_id, source_item_id, title (header line, tab-separated)
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.data.dataset import RecDataset
+from core.data.dataset import RecDataset, samples_first
 from core.data.errors import DataError
 from core.data.tables import read_table, read_text
 from core.data.values import clean_title
@@ -44,7 +45,8 @@ SeqLine = tuple[int, int, tuple[int, ...]]
 def load_dealrec_layout(path: Path) -> RecDataset:
     """Load a DEALRec-layout folder. Every file is validated in full before the dataset is built:
     ids are integers, sequence items exist in items.tsv, valid/test list the train users in the same
-    order, titles are non-empty."""
+    order, titles are non-empty. Users with an empty training line have no sample: they come after
+    the others (see `RecDataset`)."""
     started = time.perf_counter()
     folder = Path(path)
     if not folder.is_dir():
@@ -57,9 +59,11 @@ def load_dealrec_layout(path: Path) -> RecDataset:
     valid = _read_aligned(folder / VALID_FILE, users, item_index)
     test = _read_aligned(folder / TEST_FILE, users, item_index)
     user_ids = _source_user_ids(folder, train_lines)
-    ds = RecDataset(user_ids=user_ids, item_ids=item_ids, item_titles=titles,
-                    train=tuple(items for _, _, items in train_lines), valid=valid, test=test,
-                    source=f"dealrec:{folder}")
+    users_in_order = samples_first(user_ids, [items for _, _, items in train_lines], valid, test)
+    ds = RecDataset(item_ids=item_ids, item_titles=titles, source=f"dealrec:{folder}", **users_in_order)
+    if ds.n_samples < ds.n_users:
+        logger.info("%s: %d of %d users have an empty training line (no sample)", folder,
+                    ds.n_users - ds.n_samples, ds.n_users)
     logger.info("loaded DEALRec layout %s: %d users, %d items in %.2f s", folder, ds.n_users, ds.n_items,
                 time.perf_counter() - started)
     return ds
@@ -177,20 +181,17 @@ def parse_sequence_line(path: Path, number: int, line: str,
 
 
 def _check_train(path: Path, lines: list[SeqLine]) -> None:
-    """Each training line is one sample: it needs a target item, and a user may appear once."""
+    """A user may appear once; a line without items is a user without a sample, but some user must
+    have one."""
     first_line: dict[int, int] = {}
-    for number, user, items in lines:
-        if not items:
-            raise no_training_item(path, number, user)
+    for number, user, _ in lines:
         if user in first_line:
             raise DataError(f"user {user} already has line {first_line[user]}", file=path, line=number,
                             field="user_id")
         first_line[user] = number
-
-
-def no_training_item(path: Path, number: int, user: int) -> DataError:
-    return DataError(f"user {user} has no training item (a sample needs at least a target)",
-                     file=path, line=number, field="item_id")
+    if not any(items for _, _, items in lines):
+        raise DataError("no user has a training item (a sample needs at least a target)", file=path, line=1,
+                        field="item_id")
 
 
 def misaligned_user(path: Path, number: int, user: int, expected: int) -> DataError:

@@ -286,18 +286,17 @@ def _check_parquet(spec: TableSpec) -> None:
 
 
 def check_sequence_heads(paths: list[Path]) -> None:
-    """The DEALRec sequence files' first lines: ids that are positive integers, a training item on
-    the train line, and the same first user in every file. (Whether the items exist in items.tsv
-    needs all of items.tsv: the full load's job.) Run after `check_utf8`, as `check_table_head`."""
+    """The DEALRec sequence files' first lines: ids that are positive integers and the same first
+    user in every file (an empty training line is a user without a sample: allowed). (Whether the
+    items exist in items.tsv needs all of items.tsv: the full load's job.) Run after `check_utf8`, as
+    `check_table_head`."""
     first_user: int | None = None
     for path in paths:
         line = _first_sequence_line(path)
         if line is None:
             continue
-        user, items = dealrec.parse_sequence_line(path, 1, line, None)
+        user, _ = dealrec.parse_sequence_line(path, 1, line, None)
         if path.name == dealrec.TRAIN_FILE:
-            if not items:
-                raise dealrec.no_training_item(path, 1, user)
             first_user = user
         elif first_user is not None and user != first_user:
             raise dealrec.misaligned_user(path, 1, user, first_user)
