@@ -220,12 +220,46 @@ def jsonl_row(path: Path, number: int, raw: str, required: Sequence[str]) -> dic
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", file=path, line=number) from None
+    except RecursionError:  # arrays or objects nested thousands deep: no row of a table
+        raise too_deep(path, number, raw, required) from None
     if not isinstance(obj, dict):
         raise DataError("each line must hold one JSON object", file=path, line=number)
     for name in required:
         if name not in obj:
             raise DataError(f"missing key '{name}'", file=path, line=number, field=name)
     return obj
+
+
+def too_deep(path: Path, number: int, raw: str, required: Sequence[str]) -> DataError:
+    """A JSONL line nested too deeply to parse: the key under which it happens (else the row's first
+    required key) and the column where the nesting passes MAX_JSON_DEPTH."""
+    depth, column, quoted, escaped = 0, None, False, False
+    for i, ch in enumerate(raw):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                column = i + 1
+                break
+        elif ch in "]}":
+            depth -= 1
+    prefix = raw[:column or len(raw)].encode("utf-8", "replace")
+    field = jsonl_field_at("", number, prefix) or (required[0] if required else None)
+    return DataError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep (column {column})", file=path,
+                     line=number, field=field)
+
+
+# A table's row holds flat values; nesting this deep is never data (and Python's parser stops near 1000).
+MAX_JSON_DEPTH = 100
 
 
 def empty_jsonl(path: Path, required: Sequence[str]) -> DataError:

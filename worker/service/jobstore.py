@@ -60,6 +60,9 @@ def is_valid_id(kind: str, value: str) -> bool:
     return value.startswith(prefix) and len(rest) == 22 and all(c in "0123456789abcdef" for c in rest)
 
 
+# The largest event id a client may name (`after`): JSON-safe, and far below Redis's 64-bit list indices.
+MAX_EVENT_ID = 2**53
+
 class StoreError(Exception):
     """A store operation refused for a reason the caller reports (missing record, bad transition)."""
 
@@ -288,7 +291,10 @@ class JobStore:
         return int(self._append_event(keys=[self._events(job_id)], args=[body]))
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> tuple[list[JobEvent], bool]:
-        """Events with id > after, oldest first, and whether more follow."""
+        """Events with id > after, oldest first, and whether more follow (`after` past MAX_EVENT_ID:
+        none; Redis refuses list indices beyond 64 bits)."""
+        if after > MAX_EVENT_ID:
+            return [], False
         raw = self.r.lrange(self._events(job_id), after, after + limit)  # one extra: has_more
         return [JobEvent.model_validate_json(x) for x in raw[:limit]], len(raw) > limit
 

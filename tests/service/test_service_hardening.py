@@ -1,0 +1,87 @@
+"""Inputs that once answered 500 or were refused whole (issue 14): users without a training sample,
+an `after` past Redis's range, non-finite numbers in every float field of a request, JSON nested
+thousands deep in a data file, and values too long to echo."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.svc_helpers import FAST, multipart, tiny_dataset, upload, wait_job
+
+JSON = {"Content-Type": "application/json"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Users without a training sample (item 5)
+
+def _blank_training_lines(files: dict[str, bytes], users: tuple[int, ...]) -> dict[str, bytes]:
+    lines = files["sequential_train.txt"].decode().splitlines()
+    lines = [line.split()[0] if int(line.split()[0]) in users else line for line in lines]
+    return {**files, "sequential_train.txt": ("\n".join(lines) + "\n").encode()}
+
+
+def _late_users_log() -> dict[str, bytes]:
+    """30 users early, three whose interactions all come after 80 % of the log (chrono: no sample)."""
+    rows = [(f"u{u}", f"i{(u + j) % 20}", j * 100 + u) for u in range(30) for j in range(5)]
+    rows += [(f"late{u}", f"i{u}", 1000 + u * 10 + j) for u in range(3) for j in range(2)]
+    log = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows)
+    items = "item_id,title\n" + "".join(f"i{i},Game number {i}\n" for i in range(20))
+    return {"interactions.csv": log.encode(), "items.csv": items.encode()}
+
+
+@pytest.mark.parametrize("layout", ["dealrec", "csv"])
+def test_users_without_a_sample_load_and_are_never_selected(api, layout):
+    files = _blank_training_lines(tiny_dataset(), (2, 17, 33)) if layout == "dealrec" else _late_users_log()
+    d = upload(api, files)
+    assert d["status"] == "ready", d
+    stats = d["statistics"]
+    assert stats["users_without_training_sample"] == 3 and stats["samples"] == stats["users"] - 3
+    assert "3 of" in stats["notes"][0]
+    for method in ("random", "influence"):
+        r = api("POST", "/v1/prune", json={"dataset_id": d["id"], "budget": 1000, "method": method, "params": FAST})
+        assert r.status_code == 202, r.text
+        job = wait_job(api, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        sel = api("GET", f"/v1/jobs/{job['id']}/selection", params={"format": "json"}).json()
+        # a budget above the pool takes every sample (influence: those left after the hard prune), only those
+        assert sel["n_samples"] == stats["samples"] and max(s["index"] for s in sel["selected"]) < stats["samples"]
+        assert len(sel["selected"]) == stats["samples"] - (0 if method == "random" else stats["samples"] // 10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Three inputs that answered 500 (item 3)
+
+def test_events_after_beyond_any_id_is_422(api):
+    d = upload(api, tiny_dataset())
+    job = api("POST", "/v1/prune", json={"dataset_id": d["id"], "method": "random", "budget": 5}).json()
+    r = api("GET", f"/v1/jobs/{job['id']}/events", params={"after": "99999999999999999999"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "after", r.text
+    r = api("GET", f"/v1/jobs/{job['id']}/events", params={"after": str(2**53)})
+    assert r.status_code == 200 and r.json()["items"] == [], r.text
+
+
+@pytest.mark.parametrize("budget", ["Infinity", "-Infinity", "NaN", "1e308", "1e10"])
+def test_non_finite_or_absurd_budget_is_422(api, budget):
+    r = api("POST", "/v1/prune", content=f'{{"dataset_id": "ds_x", "budget": {budget}}}', headers=JSON)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "budget", r.text
+
+
+def _deep_log(first: bool) -> dict[str, bytes]:
+    good = b'{"user_id": "u", "item_id": "i1", "timestamp": 1}\n'
+    deep = b"[" * 200_000 + b"\n"
+    return {"interactions.jsonl": deep + good if first else good + good + deep,
+            "items.csv": b"item_id,title\ni1,One\n"}
+
+
+def test_deeply_nested_json_is_a_data_error(api):
+    r = api("POST", "/v1/datasets", files=multipart(_deep_log(first=True)))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["file"], err["line"], err["field"]) == ("invalid_dataset", "interactions.jsonl", 1,
+                                                                     "user_id")
+    assert "nested" in err["message"] and len(r.content) < 2000
+    d = upload(api, _deep_log(first=False))  # past the upload check: the worker's validation says the same
+    assert d["status"] == "invalid", d
+    err = d["errors"][0]
+    assert (err["code"], err["file"], err["line"], err["field"]) == ("invalid_dataset", "interactions.jsonl", 3,
+                                                                     "user_id")
