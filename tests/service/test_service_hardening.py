@@ -4,9 +4,13 @@ thousands deep in a data file, and values too long to echo."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
+from pydantic import BaseModel
 
 from tests.service.svc_helpers import FAST, multipart, tiny_dataset, upload, wait_job
+from worker.service.requests import PruneRequest
 
 JSON = {"Content-Type": "application/json"}
 
@@ -85,3 +89,52 @@ def test_deeply_nested_json_is_a_data_error(api):
     err = d["errors"][0]
     assert (err["code"], err["file"], err["line"], err["field"]) == ("invalid_dataset", "interactions.jsonl", 3,
                                                                      "user_id")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every float field of the request: Infinity and NaN are 422 (item 4)
+
+def _model_of(annotation) -> type[BaseModel] | None:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _has_float(annotation) -> bool:
+    return annotation is float or any(_has_float(a) for a in typing.get_args(annotation))
+
+
+def float_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths (by alias) of every field holding a float, nested models walked."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name,)
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            out += float_fields(nested, key)
+        elif _has_float(field.annotation):
+            out.append(key)
+    return out
+
+
+FLOAT_FIELDS = float_fields(PruneRequest)
+
+
+def test_the_walk_finds_the_known_float_fields():
+    found = {".".join(p) for p in FLOAT_FIELDS}
+    assert {"budget", "params.lambda", "params.hard_prune", "params.surrogate.lr", "params.surrogate.initializer_range",
+            "params.influence.scale", "params.influence.damping", "params.effort.lora_dropout",
+            "finetune.lr"} <= found
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN"])
+def test_non_finite_numbers_are_422_in_every_float_field(api, value):
+    for path in FLOAT_FIELDS:
+        body = f'{{"{path[-1]}": {value}}}'
+        for key in reversed(path[:-1]):
+            body = f'{{"{key}": {body}}}'
+        body = '{"dataset_id": "ds_x", ' + body[1:]
+        r = api("POST", "/v1/prune", content=body, headers=JSON)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["field"] == ".".join(path), (path, r.text)
