@@ -636,3 +636,37 @@ def test_dataset_refuses_users_without_a_sample_in_the_middle() -> None:
     with pytest.raises(ValueError, match="must come last"):
         RecDataset(user_ids=("a", "b"), item_ids=("i",), item_titles=("I",), train=((), (1,)), valid=((), ()),
                    test=((), ()), no_sample_after=(0,))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values too long to quote, lines too long to read
+
+def test_errors_quote_long_values_clipped_with_their_length(tmp_path: Path) -> None:
+    long_id = "x" * 300_000
+    folder = write_files(tmp_path, DEALREC, {"sequential_train.txt": f"1 1 2 3\n{long_id} 2\n3 1\n"})
+    with pytest.raises(DataError) as info:
+        load_dataset(folder)
+    message = str(info.value)
+    assert len(message) < 600 and "300,000 characters" in message and info.value.line == 2
+    digits = "9" * 5000  # digits, but no id (int() refuses more than 4,300 digits)
+    write_files(tmp_path, DEALREC, {"sequential_train.txt": f"1 1 2 3\n{digits} 2\n3 1\n"})
+    with pytest.raises(DataError, match="5,000 characters"):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_a_line_longer_than_the_loaders_read_is_refused(tmp_path: Path, position: str) -> None:
+    long_line = "u1," + "a" * (1 << 20) + ",1\n"
+    # later: a row on line 3; first: the header line itself
+    log = "user_id,item_id,timestamp\nu1,i1,1\n" + long_line if position == "later" else long_line
+    folder = write_files(tmp_path, {"interactions.csv": log,
+                                    "items.csv": "item_id,title\ni1,One\n"})
+    with pytest.raises(DataError, match="longer than 1,048,576 bytes") as loaded:
+        load_dataset(folder)
+    assert loaded.value.line == (3 if position == "later" else 1)
+    if position == "first":
+        with pytest.raises(DataError, match="longer than") as checked:
+            precheck(folder)
+        assert where(checked.value) == where(loaded.value)
+    else:
+        assert precheck(folder) == "interactions"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.data.dataset import RecDataset, samples_first
-from core.data.errors import DataError
+from core.data.errors import DataError, shown
 from core.data.tables import read_table, read_text
 from core.data.values import clean_title
 
@@ -70,10 +70,10 @@ def load_dealrec_layout(path: Path) -> RecDataset:
 
 
 def _parse_int_id(value: str) -> int | None:
-    """A 1-based id written in ASCII digits, else None (int() alone would take '+3', '1_0' or
-    non-ASCII digits)."""
+    """A 1-based id written in ASCII digits (at most 18: any larger is no id, and int() refuses
+    thousands), else None (int() alone would take '+3', '1_0' or non-ASCII digits)."""
     value = value.strip()
-    if not (value.isascii() and value.isdigit()):
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     number = int(value)
     return number if number >= 1 else None
@@ -89,7 +89,7 @@ def _read_items(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[int,
     for row, (raw_id, raw_source, raw_title) in enumerate(columns):
         item = _parse_int_id(raw_id)
         if item is None:
-            raise table.error(row, "item_id", f"not a positive integer id: {raw_id!r}")
+            raise table.error(row, "item_id", f"not a positive integer id: {shown(raw_id)}")
         if item in rows:
             raise table.error(row, "item_id", f"duplicate item id {item}")
         source = raw_source.strip()
@@ -97,7 +97,7 @@ def _read_items(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[int,
             raise table.error(row, "source_item_id", "empty source item id")
         if source in seen_sources:
             raise table.error(row, "source_item_id",
-                              f"source item id '{source}' already used by item {seen_sources[source]}")
+                              f"source item id {shown(source)} already used by item {seen_sources[source]}")
         title = clean_title(raw_title)
         if not title:
             raise table.error(row, "title", "empty title")
@@ -162,13 +162,13 @@ def parse_sequence_line(path: Path, number: int, line: str,
                         field="user_id")
     user = _parse_int_id(tokens[0])
     if user is None:
-        raise DataError(f"user id {tokens[0]!r} is not a positive integer", file=path, line=number,
+        raise DataError(f"user id {shown(tokens[0])} is not a positive integer", file=path, line=number,
                         field="user_id")
     items = []
     for position, token in enumerate(tokens[1:], start=1):
         item = _parse_int_id(token)
         if item is None:
-            raise DataError(f"item id {token!r} (position {position}) is not a positive integer", file=path,
+            raise DataError(f"item id {shown(token)} (position {position}) is not a positive integer", file=path,
                             line=number, field="item_id")
         if item_index is None:
             items.append(item)
@@ -225,7 +225,7 @@ def _source_user_ids(folder: Path, train_lines: list[SeqLine]) -> tuple[str, ...
     for row, (raw_id, raw_source) in enumerate(zip(table.column("user_id"), table.column("source_user_id"))):
         user = _parse_int_id(raw_id)
         if user is None:
-            raise table.error(row, "user_id", f"not a positive integer id: {raw_id!r}")
+            raise table.error(row, "user_id", f"not a positive integer id: {shown(raw_id)}")
         if user in sources:
             raise table.error(row, "user_id", f"duplicate user id {user}")
         source = raw_source.strip()

@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+# A value quoted in an error is cut to this many characters (its length said), a whole message to
+# MAX_MESSAGE: a 256 MB token must never be copied into an error, its log line or a stored record.
+MAX_SHOWN = 200
+MAX_MESSAGE = 1000
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text`, or its first `limit` characters followed by its length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """`repr(value)` for an error message, cut to about `limit` characters. Text is cut before repr,
+    so a huge value is never copied whole."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    return clip(repr(value), limit)
 
 
 class DataError(ValueError):
@@ -12,15 +31,15 @@ class DataError(ValueError):
                  field: str | None = None) -> None:
         self.file = str(file) if file is not None else None
         self.line = line
-        self.field = field
-        self.reason = message
+        self.field = clip(field, MAX_SHOWN) if field is not None else None
+        self.reason = message = clip(message)
         where = []
         if self.file is not None:
             where.append(Path(self.file).name if len(str(self.file)) > 120 else self.file)
         if line is not None:
             where.append(f"line {line}")
-        if field is not None:
-            where.append(f"field '{field}'")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
     def to_dict(self) -> dict:

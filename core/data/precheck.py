@@ -33,6 +33,7 @@ from core.data import recbole
 from core.data.errors import DataError
 from core.data.load import detect_format, interaction_files
 from core.data.tables import (
+    MAX_LINE_BYTES,
     FieldAt,
     check_header,
     check_parquet_columns,
@@ -43,6 +44,7 @@ from core.data.tables import (
     header_text,
     jsonl_field_at,
     jsonl_row,
+    line_too_long,
     malformed_line,
     not_utf8,
     parquet_errors,
@@ -233,11 +235,14 @@ def check_table_head(spec: TableSpec) -> None:
 
 def _head(path: Path) -> tuple[str, bool]:
     """The file's first whole lines (at most `HEAD_BYTES`, BOM dropped) and whether that is the whole
-    file. A line cut off by the limit is left out: a check must never see half a line."""
+    file. A line cut off by the limit is left out: a check must never see half a line. A first line
+    longer than the loaders' MAX_LINE_BYTES is refused here (the loader refuses it too)."""
     with _open(path) as f:
         data = f.read(HEAD_BYTES + 1)
     complete = len(data) <= HEAD_BYTES
     data = data.removeprefix(codecs.BOM_UTF8)
+    if len(data) > MAX_LINE_BYTES and b"\n" not in data[:MAX_LINE_BYTES + 1]:
+        raise line_too_long(path, 1)
     if not complete:
         data = data[:data.rfind(b"\n") + 1]
     return data.decode("utf-8", "replace"), complete  # check_utf8 ran first: nothing to replace

@@ -4,7 +4,11 @@ thousands deep in a data file, and values too long to echo."""
 
 from __future__ import annotations
 
+import io
+import json
 import typing
+import zipfile
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -138,3 +142,77 @@ def test_non_finite_numbers_are_422_in_every_float_field(api, value):
         r = api("POST", "/v1/prune", content=body, headers=JSON)
         assert r.status_code == 422, (path, r.text)
         assert r.json()["error"]["field"] == ".".join(path), (path, r.text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values too long to echo (item 1): errors quote a clipped value, bodies and stored errors stay small
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _peak_rss_reset(pid: int) -> bool:
+    """Reset the process's peak RSS (VmHWM); False where the kernel does not let us."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_huge_user_id_gives_a_short_error(api):
+    big = b"A" * (2 << 20)
+    files = tiny_dataset()
+    # in the first line: refused at upload (the line is longer than the loaders read)
+    r = api("POST", "/v1/datasets", files=multipart({**files, "sequential_train.txt": big + b" 1 2\n"}))
+    assert r.status_code == 400 and len(r.content) < 2000, r.text[:3000]
+    assert r.json()["error"]["line"] == 1 and "longer than" in r.json()["error"]["message"]
+    # shorter than a line may be, but no id: the value is quoted clipped, with its length
+    r = api("POST", "/v1/datasets", files=multipart({**files, "sequential_train.txt": big[:500_000] + b" 1 2\n"}))
+    assert r.status_code == 400 and len(r.content) < 2000, r.text[:3000]
+    assert "500,000 characters" in r.json()["error"]["message"]
+    # further down: the worker's validation says so, briefly, and so does every read of the dataset
+    users = files["users.tsv"] + b"41\t" + big + b"\n"
+    train = files["sequential_train.txt"].replace(b"\n2 ", b"\n" + big[:300_000] + b" ", 1)
+    log = b"user_id,item_id,timestamp\nu1,i1,1\n" + big + b",i1,2\n"
+    for damaged in ({**files, "users.tsv": users}, {**files, "sequential_train.txt": train},
+                    {"interactions.csv": log, "items.csv": b"item_id,title\ni1,One\n"}):
+        d = upload(api, damaged)
+        assert d["status"] == "invalid", d
+        for path in (f"/v1/datasets/{d['id']}", "/v1/datasets?limit=1"):
+            r = api("GET", path)
+            assert r.status_code == 200 and len(r.content) < 4000, (path, len(r.content))
+    r = api("POST", "/v1/prune", json={"dataset_id": "ds_x", "budget": 5, "A" * (2 << 20): 1})
+    assert r.status_code == 422 and len(r.content) < 4000
+
+
+def test_a_zip_of_nul_bytes_is_refused_and_the_worker_stays_small(api, worker, settings):
+    # 64 MiB, or as much as the tests' unpacked-size limit lets through (a larger one is a 413)
+    nul = b"\0" * min(64 << 20, settings.max_unpacked_bytes - (1 << 20))
+    files = tiny_dataset()
+    r = api("POST", "/v1/datasets", files=multipart({"nul.zip": _zip({**files, "sequential_train.txt": nul})}))
+    assert r.status_code == 400 and len(r.content) < 2000, r.text[:3000]
+    assert r.json()["error"]["file"] == "sequential_train.txt"
+    # after a valid first line the upload check passes; the worker's validation refuses it in bounded memory
+    pid = worker.proc.pid
+    reset = _peak_rss_reset(pid)
+    before = _peak_rss(pid)
+    blob = _zip({**files, "sequential_train.txt": files["sequential_train.txt"] + nul + b"\n"})
+    d = upload(api, {"nul.zip": blob})
+    assert d["status"] == "invalid" and len(json.dumps(d)) < 4000, str(d)[:3000]
+    assert d["errors"][0]["file"] == "sequential_train.txt" and "longer than" in d["errors"][0]["message"]
+    if reset:
+        assert _peak_rss(pid) - before < (1 << 30), (before, _peak_rss(pid))
+    assert worker.proc.poll() is None
+    assert upload(api, files)["status"] == "ready"  # the same worker goes on

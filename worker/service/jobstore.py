@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from core.data.errors import clip
 from worker.service import lua
 from worker.service.locks import JobLock
 from worker.service.records import TERMINAL, TRANSITIONS, DatasetRecord, JobEvent, JobRecord, utcnow
@@ -80,7 +81,25 @@ def connect(url: str) -> redis.Redis:
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
-    return {k: json.dumps(v, separators=(",", ":"), default=str) for k, v in fields.items()}
+    return {k: json.dumps(capped_errors(k, v), separators=(",", ":"), default=str) for k, v in fields.items()}
+
+
+# A job's or dataset's stored errors: at most this many, each text in them clipped (core.data.errors.clip).
+MAX_STORED_ERRORS = 20
+
+
+def capped_errors(key: str, value: Any) -> Any:
+    """`error` / `errors` fields as they are stored: every text clipped, at most MAX_STORED_ERRORS, so
+    that no input can make a record (and the responses that show it) large."""
+    if key == "error" and isinstance(value, dict):
+        return _clipped(value)
+    if key == "errors" and isinstance(value, list):
+        return [_clipped(e) if isinstance(e, dict) else e for e in value[:MAX_STORED_ERRORS]]
+    return value
+
+
+def _clipped(error: dict[str, Any]) -> dict[str, Any]:
+    return {k: clip(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
 def _dump(model: BaseModel) -> dict[str, str]:
@@ -286,7 +305,7 @@ class JobStore:
 
     # ---- events -------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, level: str = "info", **data: Any) -> int:
-        body = json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": message, "data": data},
+        body = json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": clip(message), "data": data},
                           separators=(",", ":"), default=str)
         return int(self._append_event(keys=[self._events(job_id)], args=[body]))
 
