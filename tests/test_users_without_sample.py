@@ -59,11 +59,15 @@ def data(request, workspace) -> Path:
     return dealrec_folder(root / "dealrec") if request.param == "dealrec" else csv_log_folder(root / "csv")
 
 
-def test_users_without_a_sample_are_counted_and_evaluated(data):
+def test_users_without_a_sample_are_counted_and_evaluated(data, capsys):
     ds = load_dataset(data)
     without = ds.n_users - ds.n_samples
     assert without == (3 if data.name == "dealrec" else 4)
     assert ds.statistics()["users_without_training_sample"] == without
+    assert main(["inspect", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert f"users_without_training_sample {without}" in " ".join(out.split())
+    assert f"note: {without} of {ds.n_users} users have no training sample" in out
     assert all(ds.train[u] for u in range(ds.n_samples)) and not any(ds.train[ds.n_samples:])
     evaluable = ds.evaluable_without_sample()
     assert 0 < evaluable <= without
