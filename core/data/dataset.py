@@ -95,8 +95,8 @@ class RecDataset:
         without = self.n_users - self.n_samples
         notes = []
         if without:
-            notes.append(f"{without} of {self.n_users} users have no training sample (an empty training line: "
-                         "all their interactions are in validation / test); they are not selected, and the "
+            notes.append(f"{without} of {self.n_users} users have no training sample (no training item: all their "
+                         "interactions are in validation / test); they are never selected, and the "
                          f"{self.evaluable_without_sample()} of them with validation and test items count in "
                          "the test evaluation")
         return {
