@@ -574,6 +574,10 @@ def test_data_error_for_client_names_files_relative_and_hides_server_paths(tmp_p
                                     "message": "Could not open Parquet input source 'sub/items.parquet': bad footer"}
     assert DataError("x", file=tmp_path / "elsewhere.csv").for_client(root)["file"] == "elsewhere.csv"
     assert DataError("x", file=root).for_client(root)["file"] is None
+    # a message clipped in the middle of the server's folder keeps none of it
+    for cut in (5, len(str(root)) // 2, len(str(root)) - 1):
+        long = DataError("x" * (1000 - cut) + f"{inside} is bad", file=inside).for_client(root)["message"]
+        assert str(root)[:2] not in long[:long.rindex("...")] and long.endswith("characters)")
 
     # A real unreadable Parquet file: whatever pyarrow says, the server's folder is not in it.
     (root / "interactions.parquet").write_bytes(b"PAR1" + b"\0" * 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,5 +61,21 @@ class DataError(ValueError):
         message = str(info["message"])
         for prefix in dict.fromkeys((str(root.resolve()), str(root))):
             message = message.replace(f"{prefix}/", "").replace(prefix, "")
+            message = _without_cut_prefix(message, prefix)
         info["message"] = message
         return info
+
+
+_CLIPPED = re.compile(r"\.\.\. \([\d,]+ characters\)$")
+
+
+def _without_cut_prefix(message: str, prefix: str) -> str:
+    """A message that `clip` cut in the middle of `prefix` (a server path) without that path's start."""
+    cut = _CLIPPED.search(message)
+    if cut is None:
+        return message
+    body = message[:cut.start()]
+    for k in range(min(len(prefix), len(body)), 1, -1):
+        if body.endswith(prefix[:k]):
+            return body[:-k] + message[cut.start():]
+    return message
