@@ -82,7 +82,7 @@ def test_users_without_a_sample_are_counted_and_evaluated(data, capsys):
     assert len(extra) == evaluable
 
 
-@pytest.mark.parametrize("method", ["random", "influence"])
+@pytest.mark.parametrize("method", ["random", "influence", "dealrec"])
 def test_prune_selects_only_users_with_a_sample(data, workspace, method, capsys):
     root, llm = workspace
     ds = load_dataset(data)
@@ -103,9 +103,10 @@ def test_prune_selects_only_users_with_a_sample(data, workspace, method, capsys)
     assert len((out / "bigrec_train.jsonl").read_text().splitlines()) == 30
     diagnostics = json.loads((out / "diagnostics.json").read_text())
     assert diagnostics["n_samples"] == ds.n_samples
-    if method == "influence":
-        influence = np.array([float(r.split(",")[2]) for r in rows[1:]])
-        assert np.isfinite(influence).all()
+    if method != "random":  # scores.csv: index, user_id, influence, effort, ...; every sample scored
+        columns = [2, 3] if method == "dealrec" else [2]
+        scores = np.array([[float(r.split(",")[c]) for c in columns] for r in rows[1:]])
+        assert np.isfinite(scores).all()
     # limit_users counts users with a sample
     limited = root / f"limited-{data.name}-{method}"
     code = main(["prune", "--data", str(data), "--method", method, "--budget", "5", "--limit-users", "10",
