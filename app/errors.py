@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.data.errors import DataError
+from core.data.errors import MAX_SHOWN, DataError, clip
 from worker.service.jobstore import StoreError
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,15 @@ class ApiError(Exception):
         self.extra = extra
 
 
+# Most entries of an error's `details` list: one per field, a request has a few dozen fields at most.
+MAX_DETAILS = 20
+
+
 def error_body(code: str, message: str, **extra: Any) -> dict:
-    return {"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}}
+    """An error's JSON body. Every text in it is clipped (core.data.errors.clip): no input echoed in an
+    error can make the body large."""
+    extra = {k: clip(v) if isinstance(v, str) else v for k, v in extra.items() if v is not None}
+    return {"error": {"code": code, "message": clip(message), **extra}}
 
 
 def not_found(kind: str, ident: str) -> ApiError:
@@ -81,9 +88,11 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         details = []
         for e in errors:
-            item = {"field": _field(e.get("loc", ())), "message": e.get("msg", "invalid")}
+            item = {"field": clip(_field(e.get("loc", ())), MAX_SHOWN), "message": clip(str(e.get("msg", "invalid")))}
             if not any(d["field"] == item["field"] for d in details):  # one line per field
                 details.append(item)
+            if len(details) == MAX_DETAILS:
+                break
         first = details[0] if details else {"field": "body", "message": "invalid request"}
         return JSONResponse(error_body("invalid_request", f"{first['field']}: {first['message']}",
                                        field=first["field"], details=details), status_code=422)

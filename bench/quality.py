@@ -293,7 +293,7 @@ def full_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             log.warning("full data: cached surrogate %s unreadable (%s): training it", path, exc)
     if report and report.get("test"):
-        quality, source = from_report(report, ctx.ds.n_users, report["train_seconds"]), "pipeline cache"
+        quality, source = from_report(report, ctx.ds.n_samples, report["train_seconds"]), "pipeline cache"
     else:
         quality = surrogate_level(ctx.ds, None, cfg.surrogate, cfg.seed, device=ctx.device,
                                   progress=_train_progress(ctx, cell))
@@ -565,13 +565,13 @@ def main(argv: list[str] | None = None) -> int:
              time.perf_counter() - t0, ds.fingerprint)
 
     seeds = list(range(args.seeds))
-    budgets = parse_budgets(args.budgets, ds.n_users)
+    budgets = parse_budgets(args.budgets, ds.n_samples)
     if args.llm_eval:
         return main_llm(args, ds, seeds, budgets, t0)
-    ratio_budgets = [] if args.skip_ratio or not args.ratio_methods else _ratio_budgets(args, ds.n_users)
+    ratio_budgets = [] if args.skip_ratio or not args.ratio_methods else _ratio_budgets(args, ds.n_samples)
     out = _out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
-    cells = _cells_for(args.methods, seeds, budgets, ds.n_users)
+    cells = _cells_for(args.methods, seeds, budgets, ds.n_samples)
     cells += [Cell(m, s, b) for s in seeds for b in ratio_budgets for m in args.ratio_methods]
     cells = list(dict.fromkeys(cells))  # ratio points at a table budget are the table's cells
     cells, sharded = _shard(cells, args.shard)
@@ -697,8 +697,8 @@ def write_reports(args, ds, out: Path, device, seeds, budgets, ratio_budgets, re
             "epochs": prune_config(args, "random", 0, 1).surrogate.epochs,
             "device": str(device), "threads": torch.get_num_threads(),
             "finished": time.strftime("%Y-%m-%d %H:%M")}
-    summaries = {b: summarize(results, args.methods, seeds, b, ds.n_users) for b in budgets}
-    times = {b: timings(results, args.methods, seeds, b, ds.n_users) for b in budgets}
+    summaries = {b: summarize(results, args.methods, seeds, b, ds.n_samples) for b in budgets}
+    times = {b: timings(results, args.methods, seeds, b, ds.n_samples) for b in budgets}
     (out / f"{args.report}.md").write_text(results_md(args, meta, budgets, summaries, times, results, resumed))
     plot_results(out / f"{args.report}.png", summaries, meta)
     report: dict[str, Any] = {
@@ -711,7 +711,7 @@ def write_reports(args, ds, out: Path, device, seeds, budgets, ratio_budgets, re
                    "from_cell_cache": c in resumed} for c, r in results.items()],
     }
     if ratio_budgets:
-        curve = {m: {b: summarize(results, [m], seeds, b, ds.n_users)[m] for b in ratio_budgets}
+        curve = {m: {b: summarize(results, [m], seeds, b, ds.n_samples)[m] for b in ratio_budgets}
                  for m in args.ratio_methods}
         full = summaries[budgets[0]][FULL]
         (out / "ratio.md").write_text(ratio_md(args, meta, ratio_budgets, args.ratio_methods, curve, full))

@@ -85,7 +85,7 @@ def bench_effort(ds, n: int, dev: torch.device, cache_dir: Path) -> dict:
     model = attach_lora(base, cfg).to(dev)
     target = find_target(model)
     rng = np.random.default_rng(0)
-    users = sorted(rng.choice(ds.n_users, size=min(n, ds.n_users), replace=False).tolist())
+    users = sorted(rng.choice(ds.n_samples, size=min(n, ds.n_samples), replace=False).tolist())
     samples = tokenize_samples(ds, users, tok, cfg.cutoff_len)
     tokens = float(np.mean([len(s.ids) for s in samples]))
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     stages: dict = {}
     with StageTimer(stages, "load"):
         ds = load_dataset(args.data, limit_users=args.limit_users)
-    cfg = PruneConfig.model_validate({"selection": {"budget": max(1, ds.n_users // 50)},
+    cfg = PruneConfig.model_validate({"selection": {"budget": max(1, ds.n_samples // 50)},
                                       "surrogate": {"epochs": args.epochs} if args.epochs else {}})
     # The pipeline caches the de-quantised LLM only; use_cache=False recomputes every score.
     result = run_prune(ds, cfg, device=str(dev), cache_dir=cache_dir, use_cache=False)

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float is finite (Infinity / NaN are refused, not left to diverge).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # Fields added after results were keyed by this model's dump (cache entries, bench cells): while
     # such a field holds its default, `key_dump` leaves it out, so those keys stay what they were.
@@ -49,8 +50,8 @@ class SurrogateConfig(_Strict):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     attention_dropout: float = Field(0.5, ge=0.0, lt=1.0)
     max_seq_length: int = Field(50, ge=2, le=1024)
-    initializer_range: float = Field(0.02, gt=0.0)
-    lr: float = Field(1e-3, gt=0.0)
+    initializer_range: float = Field(0.02, gt=0.0, le=1.0)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(500, ge=1)
     epochs: int = Field(200, ge=1)
     # The reference evaluates every 5 epochs and keeps going to the end; we stop after `patience`
@@ -73,9 +74,10 @@ class InfluenceConfig(_Strict):
     solver: Literal["lissa", "cg", "direct"] = "lissa"
     lissa_steps: int = Field(5000, ge=1)
     damping: float = Field(0.01, ge=0.0, lt=1.0)
-    scale: float = Field(25.0, gt=0.0)
+    # LiSSA divides the Hessian by `scale` (it must exceed its largest eigenvalue): neither tiny nor huge
+    scale: float = Field(25.0, ge=1e-3, le=1e9)
     cg_max_iter: int = Field(200, ge=1)
-    cg_tol: float = Field(1e-6, gt=0.0)
+    cg_tol: float = Field(1e-6, gt=0.0, le=1.0)
     batch_size: int = Field(1024, ge=1)
 
 
@@ -117,8 +119,8 @@ class SelectionConfig(_Strict):
     """Coverage-enhanced sample selection (Games reference: lambda 0.3, 50 strata, hard prune 0.1)."""
 
     method: str = "dealrec"  # a name in the registry (core/selection/methods.py)
-    budget: int = Field(1024, ge=1)
-    lam: float = Field(0.3, ge=0.0, alias="lambda")
+    budget: int = Field(1024, ge=1, le=10**9)
+    lam: float = Field(0.3, ge=0.0, le=1000.0, alias="lambda")
     strata: int = Field(50, ge=1)
     hard_prune: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
@@ -130,7 +132,7 @@ class SelectionConfig(_Strict):
 
     added_later: ClassVar[frozenset[str]] = frozenset({"normalize"})
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     @field_validator("method")
     @classmethod
@@ -172,13 +174,13 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     micro_batch_size: int = Field(4, ge=1)
     epochs: int = Field(50, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
     warmup_steps: int = Field(20, ge=0)
     lr_scheduler: Literal["linear", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6)  # 0 = no clipping
     # > 0: micro-batches are filled by tokens instead of a fixed count: length-sorted samples are
     # grouped while (samples x longest) stays within this many tokens, so padding wastes almost
     # nothing (the loss is the token mean over the effective batch either way).

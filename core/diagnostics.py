@@ -33,9 +33,10 @@ def sample_features(ds: RecDataset, prompt_tokens: np.ndarray | None) -> dict[st
     """Per sample: history length (items before the target), target-item popularity in the pool,
     and prompt tokens when known."""
     popularity = item_popularity(ds)
+    lines = ds.train[:ds.n_samples]
     out = {
-        "history_length": np.array([len(line) - 1 for line in ds.train], dtype=np.float64),
-        "target_popularity": np.array([popularity[line[-1] - 1] for line in ds.train], dtype=np.float64),
+        "history_length": np.array([len(line) - 1 for line in lines], dtype=np.float64),
+        "target_popularity": np.array([popularity[line[-1] - 1] for line in lines], dtype=np.float64),
     }
     if prompt_tokens is not None:
         out["prompt_tokens"] = np.asarray(prompt_tokens, dtype=np.float64)
@@ -81,7 +82,7 @@ def selection_diagnostics(ds: RecDataset, result: SelectionResult, scores: Mappi
     Spearman correlation of each score with prompt tokens and history length."""
     features = sample_features(ds, prompt_tokens)
     selected = np.asarray(result.selected, dtype=np.int64)
-    doc: dict = {"format": FORMAT, "n_samples": ds.n_users, "n_selected": int(selected.size),
+    doc: dict = {"format": FORMAT, "n_samples": ds.n_samples, "n_selected": int(selected.size),
                  "n_hard_pruned": int(np.asarray(result.pruned).sum()), "features": {}}
     for name, values in features.items():
         doc["features"][name] = {"all": _summary(values), "selected": _summary(values[selected]),

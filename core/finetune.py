@@ -428,8 +428,8 @@ def run_finetune(ds: RecDataset, users: Sequence[int], cfg: FinetuneConfig, out_
     users = sorted({int(u) for u in users})
     if not users:
         raise FinetuneError("the selection is empty: nothing to fine-tune on")
-    if users[0] < 0 or users[-1] >= ds.n_users:
-        raise FinetuneError(f"selected sample indices must lie in [0, {ds.n_users})")
+    if users[0] < 0 or users[-1] >= ds.n_samples:
+        raise FinetuneError(f"selected sample indices must lie in [0, {ds.n_samples})")
     check_out_dir(Path(out_dir))
     template = template or PromptTemplate()
     source = resolve_llm(cfg.llm, cfg.gguf_file)

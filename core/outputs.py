@@ -30,7 +30,7 @@ def selection_document(result, limit_users: int | None = None) -> dict:
         "budget": cfg.selection.budget,
         "seed": cfg.seed,
         "dataset_fingerprint": ds.fingerprint,
-        "n_samples": ds.n_users,
+        "n_samples": ds.n_samples,
         "params": {**cfg.model_dump(mode="json", by_alias=True), "limit_users": limit_users},
         "notes": list(sel.notes),
         "selected": [{"index": int(i), "user_id": ds.user_ids[int(i)]} for i in sel.selected],
@@ -43,14 +43,14 @@ def _fmt(x: float) -> str:
 
 def scores_csv(result) -> bytes:
     ds, sel, scores = result.dataset, result.selection, result.scores
-    chosen = np.zeros(ds.n_users, dtype=bool)
+    chosen = np.zeros(ds.n_samples, dtype=bool)
     chosen[np.asarray(sel.selected, dtype=np.int64)] = True
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SCORE_COLUMNS + EXTRA_COLUMNS)
     infl, eff = scores.get("influence"), scores.get("effort")
     raw, tokens = scores.get("effort_raw", eff), scores.get("prompt_tokens")
-    for u in range(ds.n_users):
+    for u in range(ds.n_samples):
         w.writerow([u, ds.user_ids[u], _fmt(infl[u]) if infl is not None else "",
                     _fmt(eff[u]) if eff is not None else "", _fmt(sel.overall[u]),
                     int(sel.stratum[u]), int(chosen[u]), _fmt(raw[u]) if raw is not None else "",

@@ -48,6 +48,10 @@ def without_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+# The largest budget count: far above any dataset's samples (a larger one selects every sample anyway).
+MAX_BUDGET = 10**9
+
+
 def check_budget(value: int | float | str) -> int | float:
     """A budget as the user wrote it: a whole count >= 1, or a ratio of the samples in (0, 1).
     Returns an int (count) or a float (ratio); raises ValueError otherwise."""
@@ -61,11 +65,14 @@ def check_budget(value: int | float | str) -> int | float:
     if isinstance(value, float):
         if 0 < value < 1:
             return value
-        if value >= 1 and value == int(value):
+        # not math.isfinite: int(inf) raises OverflowError, which a caller expecting ValueError misses
+        if 1 <= value <= MAX_BUDGET and value == int(value):
             return int(value)
-        raise ValueError("must be a whole number >= 1 or a ratio between 0 and 1")
+        raise ValueError(f"must be a whole number between 1 and {MAX_BUDGET} or a ratio between 0 and 1")
     if value < 1:
         raise ValueError("must be at least 1")
+    if value > MAX_BUDGET:
+        raise ValueError(f"must be at most {MAX_BUDGET} (a count of samples)")
     return int(value)
 
 

@@ -81,6 +81,8 @@ def test_prune_dealrec_real_llm_is_reproducible(games_dir, cache, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--budget", "0"], "--budget"),
     (["--budget", "abc"], "--budget"),
+    (["--budget", "inf"], "--budget"),
+    (["--budget", "1e308"], "--budget"),
     (["--strata", "0"], "strata"),
     (["--lambda", "-1"], "lambda"),
     (["--llm", "/no/such/model"], "/no/such/model"),

@@ -107,9 +107,10 @@ LOG_ROWS = [  # user, item, timestamp; row order matters for ties (rows 5 and 6,
 ]
 ITEM_ROWS = [("i1", "One"), ("i2", "Two"), ("i3", "Three"), ("i4", "Four"), ("i5", "Five"),
              ("i6", "Six"), ("i7", "Never seen")]
-# 12 interactions: 9 train, 1 valid, 2 test; u3's only interaction is the last (test): dropped.
-CHRONO = (("u1", "u2", "u4", "u5"), ((1, 3, 2, 4), (2, 4, 1), (5,), (6,)), ((), (3,), (), ()),
-          ((), (), (), (2,)))
+# 12 interactions: 9 train, 1 valid, 2 test; u3's only interaction is the last (test): no training sample,
+# kept after the users with one.
+CHRONO = (("u1", "u2", "u4", "u5", "u3"), ((1, 3, 2, 4), (2, 4, 1), (5,), (6,), ()), ((), (3,), (), (), ()),
+          ((), (), (), (2,), (1,)))
 LOO = (("u1", "u2", "u3", "u4", "u5"), ((1, 3), (2, 4), (1,), (5,), (6,)), ((2,), (1,), (), (), ()),
        ((4,), (3,), (), (), (2,)))
 
@@ -311,8 +312,8 @@ BAD_INPUTS = [
      ("sequential_valid.txt", "line 3", "user_id")),
     ("dealrec-blank-line", DEALREC, {"sequential_test.txt": "1 5\n\n2 3\n3\n"},
      ("sequential_test.txt", "line 2", "user_id")),
-    ("dealrec-train-without-target", DEALREC, {"sequential_train.txt": "1 1 2 3\n2 2\n3\n"},
-     ("sequential_train.txt", "line 3", "item_id")),
+    ("dealrec-no-training-item-at-all", DEALREC, {"sequential_train.txt": "1\n2\n3\n"},
+     ("sequential_train.txt", "line 1", "item_id")),
     ("dealrec-duplicate-item", DEALREC, {"items.tsv": DEALREC["items.tsv"].replace("4\tD4", "2\tD4")},
      ("items.tsv", "line 5", "item_id")),
     ("dealrec-empty-title", DEALREC, {"items.tsv": DEALREC["items.tsv"].replace("Epsilon", "  ")},
@@ -413,7 +414,6 @@ def reason(error: DataError) -> str:
 
 # Problems in the first line of a file, which the precheck must find (id, base, overrides, must find)
 FIRST_LINE_INPUTS = [
-    ("dealrec-train-first-line-without-target", DEALREC, {"sequential_train.txt": "1\n2 2\n3 1\n"}),
     ("dealrec-valid-first-user-differs", DEALREC, {"sequential_valid.txt": "2\n1 4\n3\n"}),
     ("dealrec-blank-first-line", DEALREC, {"sequential_test.txt": "\n1 5\n2 3\n3\n"}),
     ("dealrec-blank-file", DEALREC, {"sequential_test.txt": "\n \n\n"}),
@@ -467,6 +467,7 @@ VALID_LAYOUTS = [("dealrec", DEALREC), ("recbole", RECBOLE)] + [
     ("interactions", {**LOG_CSV, "items.csv": codecs.BOM_UTF8 + b'"item_id","title"\n\n"i1","a, b"\n' +
                       "".join(f"{i},{t}\n" for i, t in ITEM_ROWS[1:]).encode()}),
     ("dealrec", {**DEALREC, "README.txt": "caf\u00e9 \u20ac \U0001d11e\n", "sequential_test.txt": "1 5\n2 3\n3\n\n\n"}),
+    ("dealrec", {**DEALREC, "sequential_train.txt": "1\n2 2\n3 1\n"}),  # user 1 without a training sample
 ]
 
 
@@ -573,6 +574,10 @@ def test_data_error_for_client_names_files_relative_and_hides_server_paths(tmp_p
                                     "message": "Could not open Parquet input source 'sub/items.parquet': bad footer"}
     assert DataError("x", file=tmp_path / "elsewhere.csv").for_client(root)["file"] == "elsewhere.csv"
     assert DataError("x", file=root).for_client(root)["file"] is None
+    # a message clipped in the middle of the server's folder keeps none of it
+    for cut in (5, len(str(root)) // 2, len(str(root)) - 1):
+        long = DataError("x" * (1000 - cut) + f"{inside} is bad", file=inside).for_client(root)["message"]
+        assert str(root)[:2] not in long[:long.rindex("...")] and long.endswith("characters)")
 
     # A real unreadable Parquet file: whatever pyarrow says, the server's folder is not in it.
     (root / "interactions.parquet").write_bytes(b"PAR1" + b"\0" * 64)
@@ -582,3 +587,90 @@ def test_data_error_for_client_names_files_relative_and_hides_server_paths(tmp_p
     public = info.value.for_client(root)
     assert public["file"] == "interactions.parquet"
     assert str(tmp_path) not in json.dumps(public)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Users without a training sample (an empty training line; a chrono split that leaves a user only
+# validation / test items): loaded, placed after the users with a sample, counted, evaluated where
+# their history allows
+
+NO_SAMPLE_DEALREC: Files = {**DEALREC, "users.tsv": "user_id\tsource_user_id\n1\tU1\n2\tU2\n3\tU3\n4\tU4\n5\tU5\n",
+                            "sequential_train.txt": "1 1 2 3\n2\n3 1\n4\n5 2\n",
+                            "sequential_valid.txt": "1 4\n2 2\n3\n4\n5\n",
+                            "sequential_test.txt": "1 5\n2 3\n3\n4 1\n5 4\n"}
+
+
+def test_dealrec_layout_keeps_users_with_an_empty_training_line(tmp_path: Path) -> None:
+    folder = write_files(tmp_path, NO_SAMPLE_DEALREC)
+    assert precheck(folder) == "dealrec"
+    ds = load_dataset(folder)
+    # U2 (validation and test items) and U4 (a test item only) come after the users with a sample.
+    assert parts(ds) == (("U1", "U3", "U5", "U2", "U4"), ((1, 2, 3), (1,), (2,), (), ()),
+                         ((4,), (), (), (2,), ()), ((5,), (), (4,), (3,), (1,)))
+    assert (ds.n_users, ds.n_samples, ds.no_sample_after) == (5, 3, (1, 2))
+    assert ds.evaluable_without_sample() == 1  # U2: its validation item is the history of its test item
+    with pytest.raises(ValueError, match="no training sample"):
+        ds.history(3)
+    stats = ds.statistics()
+    assert (stats["users"], stats["samples"], stats["users_without_training_sample"]) == (5, 3, 2)
+    assert stats["mean_train_length"] == round(5 / 3, 3)
+    assert len(stats["notes"]) == 1 and "2 of 5 users have no training sample" in stats["notes"][0]
+    # limit_users counts users with a sample and keeps those without one that come before the last kept
+    limited = ds.limit_users(2)
+    assert (limited.user_ids, limited.no_sample_after, limited.n_samples) == (("U1", "U3", "U2"), (1,), 2)
+    assert ds.limit_users(1).user_ids == ("U1",) and ds.limit_users(3) is ds
+    # the data without those users' lines is other data: another fingerprint
+    without = write_files(tmp_path / "without", DEALREC)
+    assert load_dataset(without).fingerprint != ds.fingerprint
+    assert load_dataset(without).statistics()["users_without_training_sample"] == 0
+    assert load_dataset(without).statistics()["notes"] == []
+
+
+def test_interaction_log_keeps_users_whose_interactions_all_came_late(tmp_path: Path) -> None:
+    ds = load_dataset(write_files(tmp_path, log_files("csv")), split="chrono")
+    assert (ds.n_samples, ds.n_users, ds.user_ids[ds.n_samples:], ds.no_sample_after) == (4, 5, ("u3",), (2,))
+    stats = ds.statistics()
+    assert (stats["samples"], stats["users_without_training_sample"]) == (4, 1)
+    assert ds.evaluable_without_sample() == 0  # u3 has a test item but no history before it
+    assert ds.limit_users(2).user_ids == ("u1", "u2")
+    assert ds.limit_users(3).user_ids == ("u1", "u2", "u4", "u3")
+
+
+def test_dataset_refuses_users_without_a_sample_in_the_middle() -> None:
+    with pytest.raises(ValueError, match="must come last"):
+        RecDataset(user_ids=("a", "b"), item_ids=("i",), item_titles=("I",), train=((), (1,)), valid=((), ()),
+                   test=((), ()), no_sample_after=(0,))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values too long to quote, lines too long to read
+
+def test_errors_quote_long_values_clipped_with_their_length(tmp_path: Path) -> None:
+    long_id = "x" * 300_000
+    folder = write_files(tmp_path, DEALREC, {"sequential_train.txt": f"1 1 2 3\n{long_id} 2\n3 1\n"})
+    with pytest.raises(DataError) as info:
+        load_dataset(folder)
+    message = str(info.value)
+    assert len(message) < 600 and "300,000 characters" in message and info.value.line == 2
+    digits = "9" * 5000  # digits, but no id (int() refuses more than 4,300 digits)
+    write_files(tmp_path, DEALREC, {"sequential_train.txt": f"1 1 2 3\n{digits} 2\n3 1\n"})
+    with pytest.raises(DataError, match="5,000 characters"):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_a_line_longer_than_the_loaders_read_is_refused(tmp_path: Path, position: str) -> None:
+    long_line = "u1," + "a" * (1 << 20) + ",1\n"
+    # later: a row on line 3; first: the header line itself
+    log = "user_id,item_id,timestamp\nu1,i1,1\n" + long_line if position == "later" else long_line
+    folder = write_files(tmp_path, {"interactions.csv": log,
+                                    "items.csv": "item_id,title\ni1,One\n"})
+    with pytest.raises(DataError, match="longer than 1,048,576 bytes") as loaded:
+        load_dataset(folder)
+    assert loaded.value.line == (3 if position == "later" else 1)
+    if position == "first":
+        with pytest.raises(DataError, match="longer than") as checked:
+            precheck(folder)
+        assert where(checked.value) == where(loaded.value)
+    else:
+        assert precheck(folder) == "interactions"

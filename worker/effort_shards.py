@@ -76,7 +76,7 @@ def run_effort_shard(store: JobStore, files: Files, settings: Settings, job_id: 
         ds = load_dataset(dataset_dir, fmt=(record.format if record and record.format else "auto"),
                           split=req.split, limit_users=req.limit_users)
         llm_path = settings.llm_choices().get(req.params.effort.llm, "auto")
-        cfg = to_config(req, ds.n_users, device=settings.device, llm_path=llm_path)
+        cfg = to_config(req, ds.n_samples, device=settings.device, llm_path=llm_path)
         dev = resolve_device(settings.device)
         pool = effort_pool(ds, cfg.effort, dev, settings.cache_root, PromptTemplate(), users=users)
         t0 = time.perf_counter()

@@ -245,7 +245,7 @@ class _Segment:
             self.ds = load_dataset(self.dataset_dir, fmt=(dataset.format if dataset and dataset.format else "auto"),
                                    split=self.req.split, limit_users=self.req.limit_users)
         llm_path = self._llm_path()
-        prune = to_config(self.req, self.ds.n_users, device=self.settings.device, llm_path=llm_path)
+        prune = to_config(self.req, self.ds.n_samples, device=self.settings.device, llm_path=llm_path)
         finetune = evaluate = None
         if self.req.finetune is not None:
             finetune = to_finetune_config(self.req, device=self.settings.device, llm_path=llm_path)
@@ -263,7 +263,8 @@ class _Segment:
                       "split": self.req.split}
             params["effort"]["llm"] = self.req.params.effort.llm  # the name the client used, not a server path
             self.store.update_job(self.job_id, allowed=["running"], params=params)
-            self.reporter("load", 1.0, f"{self.ds.n_users} users, {self.ds.n_items} items")
+            self.reporter("load", 1.0, f"{self.ds.n_users} users ({self.ds.n_samples} with a training sample), "
+                                        f"{self.ds.n_items} items")
             self._complete("load")
         else:
             self.ctx.records.pop("load")
@@ -357,7 +358,7 @@ class _Segment:
             return
         info = self.ctx.state.setdefault("effort_info", {})
         scored = int(plan["to_score"])
-        info.update(scored=scored, from_store=self.ds.n_users - scored, shards=len(plan["plan"]), cached=False)
+        info.update(scored=scored, from_store=self.ds.n_samples - scored, shards=len(plan["plan"]), cached=False)
         rec = self.ctx.records["effort"]
         rec.seconds, rec.cached = max(rec.seconds, time.time() - float(plan["started"])), False
         self.store.drop_shards(self.job_id)
@@ -370,10 +371,10 @@ class _Segment:
         self.ctx.out_dir = self.job_dir
         selection = self.ctx.state["selection"]
         n = len(selection.selected)
-        self.result.update({"n_selected": n, "n_samples": self.ds.n_users, "budget": self.cfg.prune.selection.budget,
+        self.result.update({"n_selected": n, "n_samples": self.ds.n_samples, "budget": self.cfg.prune.selection.budget,
                             "notes": list(selection.notes), "dataset_fingerprint": self.ds.fingerprint,
                             "effort": self._effort_summary()})
-        self.store.add_event(self.job_id, f"selected {n} of {self.ds.n_users} samples", n_selected=n,
+        self.store.add_event(self.job_id, f"selected {n} of {self.ds.n_samples} samples", n_selected=n,
                              reused_stages=self.reused)
 
     def _finetune_result(self) -> None:

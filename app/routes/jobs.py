@@ -12,7 +12,7 @@ from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, not_found
 from worker.service.jobs import JobRequestError, create_prune_job
-from worker.service.jobstore import StoreError
+from worker.service.jobstore import MAX_EVENT_ID, StoreError
 from worker.service.records import TERMINAL, JobRecord
 from worker.service.requests import PruneRequest
 from worker.service.responses import EventList, JobList, JobOut
@@ -64,7 +64,7 @@ def get_job(job_id: str, request: Request, tenant: str = Depends(require_tenant)
 
 @router.get("/jobs/{job_id}/events", response_model=EventList)
 def job_events(job_id: str, request: Request, tenant: str = Depends(require_tenant),
-               after: int = Query(0, ge=0, description="return events with id > after"),
+               after: int = Query(0, ge=0, le=MAX_EVENT_ID, description="return events with id > after"),
                limit: int = Query(100, ge=1, le=1000)) -> EventList:
     ctx = get_ctx(request)
     _job(ctx, job_id, tenant)

@@ -21,8 +21,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
     else:
         sys.stdout.write(f"dataset {args.data}: valid\n")
+        notes = stats.pop("notes", [])
         for k, v in stats.items():
             sys.stdout.write(f"  {k:<22} {v}\n")
+        for note in notes:
+            sys.stdout.write(f"note: {note}\n")
     return 0
 
 

@@ -67,7 +67,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UsageError(f"{sel['path']} was made on another dataset (fingerprint {sel['fingerprint']}); "
                          f"'{args.data}' with --limit-users {limit} has fingerprint {ds.fingerprint}")
     for index, user_id in sel["selected"]:
-        if not 0 <= index < ds.n_users or ds.user_ids[index] != user_id:
+        if not 0 <= index < ds.n_samples or ds.user_ids[index] != user_id:
             raise UsageError(f"{sel['path']}: selected sample {index} (user '{user_id}') is not in the dataset")
     users = sorted({index for index, _ in sel["selected"]})
     bars = Bars(enabled=not args.no_progress)

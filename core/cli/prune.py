@@ -41,7 +41,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from core.params import ParamsError, resolve
 
     try:
-        cfg = resolve(prune_overrides(args), ds.n_users)
+        cfg = resolve(prune_overrides(args), ds.n_samples)
     except ParamsError as exc:
         raise usage_error(exc) from None
     from core.effort.llm import resolve_llm
@@ -49,7 +49,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if "effort" in required_scores(cfg.selection.method):
         resolve_llm(cfg.effort.llm, cfg.effort.gguf_file)  # fail before hours of work, not after
-    log.info("loaded %d users, %d items (fingerprint %s)", ds.n_users, ds.n_items, ds.fingerprint)
+    log.info("loaded %d users (%d with a training sample), %d items (fingerprint %s)", ds.n_users, ds.n_samples,
+             ds.n_items, ds.fingerprint)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     init = _warm_start(args, cfg, cache_dir)
     bars = Bars(enabled=not args.no_progress)
@@ -86,7 +87,7 @@ def _warm_start(args: argparse.Namespace, cfg, cache_dir: Path | None) -> Path |
 def _summary(result, paths) -> None:
     out = sys.stdout
     sel = result.selection
-    out.write(f"\nselected {len(sel.selected)} of {result.dataset.n_users} samples with "
+    out.write(f"\nselected {len(sel.selected)} of {result.dataset.n_samples} samples with "
               f"'{result.config.selection.method}' (budget {result.config.selection.budget}, "
               f"seed {result.config.seed})\n")
     out.write(f"{'stage':<11}{'seconds':>10}{'peak MB':>10}  note\n")

@@ -1,6 +1,7 @@
 """The DEALRec reference layout: a folder already split into per-user train / valid / test lines.
 
-    sequential_train.txt   user_id item_id item_id ...   (one line per user, at least one item)
+    sequential_train.txt   user_id [item_id ...]         (one line per user; a user without items has
+                                                          no training sample but may be evaluated)
     sequential_valid.txt   user_id [item_id ...]         (same users, same order)
     sequential_test.txt    user_id [item_id ...]         (same users, same order)
     items.tsv              item_id, source_item_id, title (header line, tab-separated)
@@ -18,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.data.dataset import RecDataset
-from core.data.errors import DataError
+from core.data.dataset import RecDataset, samples_first
+from core.data.errors import DataError, shown
 from core.data.tables import read_table, read_text
 from core.data.values import clean_title
 
@@ -44,7 +45,8 @@ SeqLine = tuple[int, int, tuple[int, ...]]
 def load_dealrec_layout(path: Path) -> RecDataset:
     """Load a DEALRec-layout folder. Every file is validated in full before the dataset is built:
     ids are integers, sequence items exist in items.tsv, valid/test list the train users in the same
-    order, titles are non-empty."""
+    order, titles are non-empty. Users with an empty training line have no sample: they come after
+    the others (see `RecDataset`)."""
     started = time.perf_counter()
     folder = Path(path)
     if not folder.is_dir():
@@ -57,19 +59,21 @@ def load_dealrec_layout(path: Path) -> RecDataset:
     valid = _read_aligned(folder / VALID_FILE, users, item_index)
     test = _read_aligned(folder / TEST_FILE, users, item_index)
     user_ids = _source_user_ids(folder, train_lines)
-    ds = RecDataset(user_ids=user_ids, item_ids=item_ids, item_titles=titles,
-                    train=tuple(items for _, _, items in train_lines), valid=valid, test=test,
-                    source=f"dealrec:{folder}")
+    users_in_order = samples_first(user_ids, [items for _, _, items in train_lines], valid, test)
+    ds = RecDataset(item_ids=item_ids, item_titles=titles, source=f"dealrec:{folder}", **users_in_order)
+    if ds.n_samples < ds.n_users:
+        logger.info("%s: %d of %d users have an empty training line (no sample)", folder,
+                    ds.n_users - ds.n_samples, ds.n_users)
     logger.info("loaded DEALRec layout %s: %d users, %d items in %.2f s", folder, ds.n_users, ds.n_items,
                 time.perf_counter() - started)
     return ds
 
 
 def _parse_int_id(value: str) -> int | None:
-    """A 1-based id written in ASCII digits, else None (int() alone would take '+3', '1_0' or
-    non-ASCII digits)."""
+    """A 1-based id written in ASCII digits (at most 18: any larger is no id, and int() refuses
+    thousands), else None (int() alone would take '+3', '1_0' or non-ASCII digits)."""
     value = value.strip()
-    if not (value.isascii() and value.isdigit()):
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     number = int(value)
     return number if number >= 1 else None
@@ -85,7 +89,7 @@ def _read_items(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[int,
     for row, (raw_id, raw_source, raw_title) in enumerate(columns):
         item = _parse_int_id(raw_id)
         if item is None:
-            raise table.error(row, "item_id", f"not a positive integer id: {raw_id!r}")
+            raise table.error(row, "item_id", f"not a positive integer id: {shown(raw_id)}")
         if item in rows:
             raise table.error(row, "item_id", f"duplicate item id {item}")
         source = raw_source.strip()
@@ -93,7 +97,7 @@ def _read_items(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[int,
             raise table.error(row, "source_item_id", "empty source item id")
         if source in seen_sources:
             raise table.error(row, "source_item_id",
-                              f"source item id '{source}' already used by item {seen_sources[source]}")
+                              f"source item id {shown(source)} already used by item {seen_sources[source]}")
         title = clean_title(raw_title)
         if not title:
             raise table.error(row, "title", "empty title")
@@ -158,13 +162,13 @@ def parse_sequence_line(path: Path, number: int, line: str,
                         field="user_id")
     user = _parse_int_id(tokens[0])
     if user is None:
-        raise DataError(f"user id {tokens[0]!r} is not a positive integer", file=path, line=number,
+        raise DataError(f"user id {shown(tokens[0])} is not a positive integer", file=path, line=number,
                         field="user_id")
     items = []
     for position, token in enumerate(tokens[1:], start=1):
         item = _parse_int_id(token)
         if item is None:
-            raise DataError(f"item id {token!r} (position {position}) is not a positive integer", file=path,
+            raise DataError(f"item id {shown(token)} (position {position}) is not a positive integer", file=path,
                             line=number, field="item_id")
         if item_index is None:
             items.append(item)
@@ -177,20 +181,17 @@ def parse_sequence_line(path: Path, number: int, line: str,
 
 
 def _check_train(path: Path, lines: list[SeqLine]) -> None:
-    """Each training line is one sample: it needs a target item, and a user may appear once."""
+    """A user may appear once; a line without items is a user without a sample, but some user must
+    have one."""
     first_line: dict[int, int] = {}
-    for number, user, items in lines:
-        if not items:
-            raise no_training_item(path, number, user)
+    for number, user, _ in lines:
         if user in first_line:
             raise DataError(f"user {user} already has line {first_line[user]}", file=path, line=number,
                             field="user_id")
         first_line[user] = number
-
-
-def no_training_item(path: Path, number: int, user: int) -> DataError:
-    return DataError(f"user {user} has no training item (a sample needs at least a target)",
-                     file=path, line=number, field="item_id")
+    if not any(items for _, _, items in lines):
+        raise DataError("no user has a training item (a sample needs at least a target)", file=path, line=1,
+                        field="item_id")
 
 
 def misaligned_user(path: Path, number: int, user: int, expected: int) -> DataError:
@@ -224,7 +225,7 @@ def _source_user_ids(folder: Path, train_lines: list[SeqLine]) -> tuple[str, ...
     for row, (raw_id, raw_source) in enumerate(zip(table.column("user_id"), table.column("source_user_id"))):
         user = _parse_int_id(raw_id)
         if user is None:
-            raise table.error(row, "user_id", f"not a positive integer id: {raw_id!r}")
+            raise table.error(row, "user_id", f"not a positive integer id: {shown(raw_id)}")
         if user in sources:
             raise table.error(row, "user_id", f"duplicate user id {user}")
         source = raw_source.strip()

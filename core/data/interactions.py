@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.data.dataset import RecDataset
+from core.data.errors import shown
 from core.data.split import Split, build_dataset, check_split
 from core.data.tables import Table, read_table
 from core.data.values import as_id, as_number, clean_title, ids_of, numbers_of, parse_timestamp
@@ -41,12 +42,12 @@ def read_items(table: Table, id_field: str = "item_id", title_field: str = "titl
     for row, (raw_id, raw_title) in enumerate(zip(table.column(id_field), table.column(title_field))):
         item = as_id(raw_id)
         if item is None:
-            raise table.error(row, id_field, f"not an item id: {raw_id!r}")
+            raise table.error(row, id_field, f"not an item id: {shown(raw_id)}")
         if item in index:
-            raise table.error(row, id_field, f"duplicate item id '{item}' (first at "
+            raise table.error(row, id_field, f"duplicate item id {shown(item)} (first at "
                                              f"{_where(table, index[item] - 1)})")
         if not isinstance(raw_title, str):
-            raise table.error(row, title_field, f"the title must be text, not {raw_title!r}")
+            raise table.error(row, title_field, f"the title must be text, not {shown(raw_title)}")
         title = clean_title(raw_title)
         if not title:
             raise table.error(row, title_field, "empty title")
@@ -84,14 +85,14 @@ def read_interactions(table: Table, items: ItemTable, items_name: str) -> Intera
     raw_ratings = table.column("rating") if table.has("rating") else []
     ratings = numbers_of([None if v == "" else v for v in raw_ratings], as_number)
     problems = [
-        (_first_none(users), "user_id", lambda row: f"not a user id: {raw_users[row]!r}"),
-        (_first_none(item_indices), "item_id", lambda row: f"item {raw_items[row]!r} is not in {items_name}"),
+        (_first_none(users), "user_id", lambda row: f"not a user id: {shown(raw_users[row])}"),
+        (_first_none(item_indices), "item_id", lambda row: f"item {shown(raw_items[row])} is not in {items_name}"),
         (_first_none(times), "timestamp",
-         lambda row: f"not a number or ISO-8601 time: {raw_times[row]!r}"),
+         lambda row: f"not a number or ISO-8601 time: {shown(raw_times[row])}"),
         # ratings play no part in the samples, but a non-numeric one means the columns are not what
         # the header says; an empty rating is allowed
         (_first_bad_rating(raw_ratings, ratings), "rating",
-         lambda row: f"not a number: {raw_ratings[row]!r}"),
+         lambda row: f"not a number: {shown(raw_ratings[row])}"),
     ]
     bad = [problem for problem in problems if problem[0] is not None]
     if bad:

@@ -33,6 +33,7 @@ from core.data import recbole
 from core.data.errors import DataError
 from core.data.load import detect_format, interaction_files
 from core.data.tables import (
+    MAX_LINE_BYTES,
     FieldAt,
     check_header,
     check_parquet_columns,
@@ -43,6 +44,7 @@ from core.data.tables import (
     header_text,
     jsonl_field_at,
     jsonl_row,
+    line_too_long,
     malformed_line,
     not_utf8,
     parquet_errors,
@@ -233,11 +235,14 @@ def check_table_head(spec: TableSpec) -> None:
 
 def _head(path: Path) -> tuple[str, bool]:
     """The file's first whole lines (at most `HEAD_BYTES`, BOM dropped) and whether that is the whole
-    file. A line cut off by the limit is left out: a check must never see half a line."""
+    file. A line cut off by the limit is left out: a check must never see half a line. A first line
+    longer than the loaders' MAX_LINE_BYTES is refused here (the loader refuses it too)."""
     with _open(path) as f:
         data = f.read(HEAD_BYTES + 1)
     complete = len(data) <= HEAD_BYTES
     data = data.removeprefix(codecs.BOM_UTF8)
+    if len(data) > MAX_LINE_BYTES and b"\n" not in data[:MAX_LINE_BYTES + 1]:
+        raise line_too_long(path, 1)
     if not complete:
         data = data[:data.rfind(b"\n") + 1]
     return data.decode("utf-8", "replace"), complete  # check_utf8 ran first: nothing to replace
@@ -286,18 +291,17 @@ def _check_parquet(spec: TableSpec) -> None:
 
 
 def check_sequence_heads(paths: list[Path]) -> None:
-    """The DEALRec sequence files' first lines: ids that are positive integers, a training item on
-    the train line, and the same first user in every file. (Whether the items exist in items.tsv
-    needs all of items.tsv: the full load's job.) Run after `check_utf8`, as `check_table_head`."""
+    """The DEALRec sequence files' first lines: ids that are positive integers and the same first
+    user in every file (an empty training line is a user without a sample: allowed). (Whether the
+    items exist in items.tsv needs all of items.tsv: the full load's job.) Run after `check_utf8`, as
+    `check_table_head`."""
     first_user: int | None = None
     for path in paths:
         line = _first_sequence_line(path)
         if line is None:
             continue
-        user, items = dealrec.parse_sequence_line(path, 1, line, None)
+        user, _ = dealrec.parse_sequence_line(path, 1, line, None)
         if path.name == dealrec.TRAIN_FILE:
-            if not items:
-                raise dealrec.no_training_item(path, 1, user)
             first_user = user
         elif first_user is not None and user != first_user:
             raise dealrec.misaligned_user(path, 1, user, first_user)

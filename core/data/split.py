@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from core.data.dataset import RecDataset
+from core.data.dataset import RecDataset, samples_first
 from core.data.errors import DataError
 
 if TYPE_CHECKING:  # types only: interactions.py imports this module to split what it loads
@@ -23,12 +23,14 @@ SPLITS: tuple[str, ...] = ("chrono", "loo")
 
 @dataclass(frozen=True)
 class SplitParts:
-    """Users kept (first-appearance order) and their train / valid / test items, each in time order."""
+    """Users and their train / valid / test items, each in time order: those with a training item
+    first, then those without (each in first-appearance order), as `RecDataset` holds them."""
 
     user_ids: tuple[str, ...]
     train: tuple[tuple[int, ...], ...]
     valid: tuple[tuple[int, ...], ...]
     test: tuple[tuple[int, ...], ...]
+    no_sample_after: tuple[int, ...] = ()
 
 
 def check_split(split: str) -> None:
@@ -43,7 +45,8 @@ def split_interactions(interactions: Interactions, split: Split) -> SplitParts:
     next 10% valid, the rest test (floors computed in integers, so float rounding cannot move a
     boundary). `loo`: per user, the last interaction is test, the one before valid, the rest train; a
     user with two interactions has no valid item, one with a single interaction only a train item.
-    Users without a train interaction have no sample and are dropped."""
+    Users without a train interaction (chrono: all of theirs came late) have no sample; they are kept,
+    after the others, for the evaluation."""
     check_split(split)
     n = len(interactions.users)
     order = sorted(range(n), key=interactions.times.__getitem__)  # stable: ties keep the log's order
@@ -65,24 +68,19 @@ def split_interactions(interactions: Interactions, split: Split) -> SplitParts:
             if len(train) >= 2:
                 valid.append(train.pop())
 
-    kept = [u for u, (train, _, _) in enumerate(by_user) if train]
-    if len(kept) < len(by_user):
-        logger.info("%d of %d users have no training interaction after the %s split and are dropped",
-                    len(by_user) - len(kept), len(by_user), split)
-    users = list(user_index)
-    return SplitParts(
-        user_ids=tuple(users[u] for u in kept),
-        train=tuple(tuple(by_user[u][0]) for u in kept),
-        valid=tuple(tuple(by_user[u][1]) for u in kept),
-        test=tuple(tuple(by_user[u][2]) for u in kept),
-    )
+    without = sum(1 for train, _, _ in by_user if not train)
+    if without:
+        logger.info("%d of %d users have no training interaction after the %s split: no sample, kept for "
+                    "the evaluation", without, len(by_user), split)
+    return SplitParts(**samples_first(list(user_index), *([line[part] for line in by_user] for part in range(3))))
 
 
 def build_dataset(interactions: Interactions, items: ItemTable, split: Split, source: str) -> RecDataset:
     """Split validated interactions and assemble the dataset; refuse a split that leaves no sample."""
     parts = split_interactions(interactions, split)
-    if not parts.user_ids:
+    if not any(parts.train):
         raise DataError(f"no user has a training interaction after the {split} split "
                         f"({len(interactions.users)} interactions)", file=interactions.path)
     return RecDataset(user_ids=parts.user_ids, item_ids=items.ids, item_titles=items.titles,
-                      train=parts.train, valid=parts.valid, test=parts.test, source=source)
+                      train=parts.train, valid=parts.valid, test=parts.test, source=source,
+                      no_sample_after=parts.no_sample_after)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.data.errors import DataError
+from core.data.errors import DataError, shown
 
 TABLE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".parquet", ".jsonl")
 
@@ -40,14 +40,39 @@ def read_text(path: Path, field_at: FieldAt | None = None) -> str:
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         line = data.count(b"\n", 0, exc.start) + 1
-        prefix = data[line_start:exc.start]
-        header = header_text(data.split(b"\n", 1)[0])
+        prefix = data[line_start:exc.start][-MAX_LINE_BYTES:]
+        header = header_text(data[:MAX_LINE_BYTES].split(b"\n", 1)[0])
         field = field_at(header, line, prefix) if field_at else None
-        raise not_utf8(path, data[exc.start], line, len(prefix) + 1, field) from None
+        raise not_utf8(path, data[exc.start], line, exc.start - line_start + 1, field) from None
+    check_line_lengths(path, data)
+    return text
+
+
+# The longest line any loader reads (a row, a header, a user's sequence); the upload check refuses a
+# longer first line at once. Longer is no data (a user with 100,000+ items on one line, a 1 MiB id).
+MAX_LINE_BYTES = 1 << 20
+
+
+def check_line_lengths(path: Path, data: bytes) -> None:
+    """The first line of `data` longer than MAX_LINE_BYTES, as a DataError (vectorised: a log has
+    millions of lines)."""
+    if len(data) <= MAX_LINE_BYTES:
+        return
+    import numpy as np
+
+    breaks = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    lengths = np.diff(breaks, prepend=-1, append=len(data)) - 1
+    long = np.flatnonzero(lengths > MAX_LINE_BYTES)
+    if long.size:
+        raise line_too_long(path, int(long[0]) + 1)
+
+
+def line_too_long(path: Path, line: int) -> DataError:
+    return DataError(f"the line is longer than {MAX_LINE_BYTES:,} bytes", file=path, line=line)
 
 
 def header_text(first_line: bytes) -> str:
@@ -188,7 +213,7 @@ def check_header(path: Path, names: list[str], required: Sequence[str], line: in
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise DataError(f"column '{name}' appears twice in the header", file=path, line=line, field=name)
+            raise DataError(f"column {shown(name)} appears twice in the header", file=path, line=line, field=name)
         seen.add(name)
     for name in required:
         if name not in seen:
@@ -220,12 +245,46 @@ def jsonl_row(path: Path, number: int, raw: str, required: Sequence[str]) -> dic
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", file=path, line=number) from None
+    except RecursionError:  # arrays or objects nested thousands deep: no row of a table
+        raise too_deep(path, number, raw, required) from None
     if not isinstance(obj, dict):
         raise DataError("each line must hold one JSON object", file=path, line=number)
     for name in required:
         if name not in obj:
             raise DataError(f"missing key '{name}'", file=path, line=number, field=name)
     return obj
+
+
+def too_deep(path: Path, number: int, raw: str, required: Sequence[str]) -> DataError:
+    """A JSONL line nested too deeply to parse: the key under which it happens (else the row's first
+    required key) and the column where the nesting passes MAX_JSON_DEPTH."""
+    depth, column, quoted, escaped = 0, None, False, False
+    for i, ch in enumerate(raw):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                column = i + 1
+                break
+        elif ch in "]}":
+            depth -= 1
+    prefix = raw[:column or len(raw)].encode("utf-8", "replace")
+    field = jsonl_field_at("", number, prefix) or (required[0] if required else None)
+    return DataError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep (column {column})", file=path,
+                     line=number, field=field)
+
+
+# A table's row holds flat values; nesting this deep is never data (and Python's parser stops near 1000).
+MAX_JSON_DEPTH = 100
 
 
 def empty_jsonl(path: Path, required: Sequence[str]) -> DataError:

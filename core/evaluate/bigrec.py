@@ -69,9 +69,10 @@ def _report(progress: ProgressFn | None, stage: str, frac: float, msg: str = "")
 
 
 def select_test_users(ds: RecDataset, n: int | None = None, seed: int = 0) -> list[int]:
-    """Users with at least one test item, in index order; with `n`, a seeded random subset of n of them
-    (the same n and seed always give the same users)."""
-    users = [u for u in range(ds.n_users) if ds.test[u]]
+    """Users with at least one test item and a history (train + valid) before it, in index order (a
+    user without a training sample counts when he has validation items); with `n`, a seeded random
+    subset of n of them (the same n and seed always give the same users)."""
+    users = [u for u in range(ds.n_users) if ds.test[u] and (ds.train[u] or ds.valid[u])]
     if n is not None and n < len(users):
         rng = np.random.default_rng(seed)
         users = sorted(int(users[i]) for i in rng.choice(len(users), size=n, replace=False))

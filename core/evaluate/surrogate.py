@@ -30,8 +30,8 @@ def _train_users(ds: RecDataset, selected: Sequence[int] | None) -> list[int] | 
     users = sorted({int(u) for u in selected})
     if not users:
         raise ValueError("the selection is empty: nothing to train the surrogate on")
-    if users[0] < 0 or users[-1] >= ds.n_users:
-        raise ValueError(f"selected sample indices must lie in [0, {ds.n_users}), got {users[0]}..{users[-1]}")
+    if users[0] < 0 or users[-1] >= ds.n_samples:
+        raise ValueError(f"selected sample indices must lie in [0, {ds.n_samples}), got {users[0]}..{users[-1]}")
     return users
 
 
@@ -59,7 +59,7 @@ def surrogate_level(ds: RecDataset, selected: Sequence[int] | None, cfg: Surroga
     users = _train_users(ds, selected)
     t0 = time.perf_counter()
     _, report = train_surrogate(ds, cfg, seed, device=device, progress=progress, cancel=cancel, train_users=users)
-    return from_report(report, selected=ds.n_users if users is None else len(users),
+    return from_report(report, selected=ds.n_samples if users is None else len(users),
                        seconds=time.perf_counter() - t0)
 
 

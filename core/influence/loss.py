@@ -27,7 +27,7 @@ def effective_damping(cfg: InfluenceConfig) -> float:
 
 def samples_with_loss(ds: RecDataset, users: Sequence[int] | None = None) -> np.ndarray:
     """Users with at least one transition (>= 2 training items): the samples that have a loss."""
-    pool = range(ds.n_users) if users is None else users
+    pool = range(ds.n_samples) if users is None else users
     return np.asarray([int(u) for u in pool if len(ds.train[int(u)]) >= 2], dtype=np.int64)
 
 

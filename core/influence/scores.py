@@ -39,7 +39,7 @@ def _el2n(model: nn.Module, hidden_last: torch.Tensor, targets: torch.Tensor) ->
 def influence_scores(model: nn.Module, ds: RecDataset, cfg: InfluenceConfig, seed: int,
                      device: torch.device | str = "cpu", progress: Progress | None = None,
                      cancel: Cancel | None = None) -> dict:
-    """Influence, GraNd and EL2N for every user 0..N-1 (numpy float64 arrays of length N).
+    """Influence, GraNd and EL2N for every sample 0..N-1, N = ds.n_samples (numpy float64 arrays).
 
     - influence[u] = <grad_theta l(z_u), s>, s from cfg.solver (all three solve (H + scale*damping I) s = v);
       0 for users without a transition.
@@ -58,7 +58,7 @@ def influence_scores(model: nn.Module, ds: RecDataset, cfg: InfluenceConfig, see
     # A private copy: eval mode, on `device`, no parameter requires grad (only theta, temporarily).
     model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     layer = model.influence_layer(cfg.parameter)
-    n_users = ds.n_users
+    n_users = ds.n_samples  # users with a training sample come first
     max_len = _max_len(model)
     lam = effective_damping(cfg)
     negatives = fixed_negatives(ds, max_len, seed)

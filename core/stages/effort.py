@@ -109,7 +109,7 @@ class EffortPool:
 def effort_pool(ds: RecDataset, cfg: EffortConfig, dev: torch.device, cache_dir: Path, template: PromptTemplate,
                 users: Sequence[int] | None = None, use_cache: bool = True,
                 store_root: Path | None = None) -> EffortPool:
-    """Tokenise the users' prompts (all users by default) and look their scores up in the store."""
+    """Tokenise the users' prompts (every sample by default) and look their scores up in the store."""
     from core.effort.llm import load_tokenizer, resolve_llm
     from core.effort.prompts import tokenize_samples
     from core.effort.store import ScoreStore, sample_key
@@ -117,7 +117,7 @@ def effort_pool(ds: RecDataset, cfg: EffortConfig, dev: torch.device, cache_dir:
     source = resolve_llm(cfg.llm, cfg.gguf_file)
     precision = effort_precision(cfg, dev)
     tokenizer = load_tokenizer(source, cache_dir)
-    users = list(range(ds.n_users)) if users is None else [int(u) for u in users]
+    users = list(range(ds.n_samples)) if users is None else [int(u) for u in users]
     samples = tokenize_samples(ds, users, tokenizer, cfg.cutoff_len, template)
     keys = [sample_key(s.ids) for s in samples]
     store = ScoreStore(Path(store_root or cache_dir), effort_store_key(cfg, source.key(), precision, template)) \
@@ -160,15 +160,15 @@ def effort_stage(ds, cfg: EffortConfig, dev, cache_dir, template, progress=None,
     info = {"llm": str(source.folder / (source.gguf_file or "")), "precision": precision, "device": dev.type,
             "loss": cfg.loss}
     cached = load_arrays(path) if use_cache else None
-    if cached is not None and "effort" in cached and len(cached["effort"]) == ds.n_users:
+    if cached is not None and "effort" in cached and len(cached["effort"]) == ds.n_samples:
         log.info("effort: reusing cached scores %s", path.parent.name)
         tokens = cached.get("prompt_tokens")
-        if tokens is None or len(tokens) != ds.n_users:
+        if tokens is None or len(tokens) != ds.n_samples:
             tokens = prompt_token_counts(ds, cfg, cache_dir, template)
             save_arrays(path, effort=cached["effort"], prompt_tokens=tokens)
         if progress:
             progress(1.0, "reused cached effort scores")
-        return cached["effort"], {**info, "cached": True, "scored": 0, "from_store": ds.n_users}, path, tokens
+        return cached["effort"], {**info, "cached": True, "scored": 0, "from_store": ds.n_samples}, path, tokens
     pool = effort_pool(ds, cfg, dev, cache_dir, template, use_cache=use_cache, store_root=store_root)
     t0 = time.perf_counter()
     scored, processes = fill_pool(pool, cfg, dev, cache_dir, template, progress, cancel)
@@ -240,7 +240,8 @@ def prompt_token_counts(ds: RecDataset, cfg: EffortConfig, cache_dir: Path | Non
 
     tokenizer = load_tokenizer(resolve_llm(cfg.llm, cfg.gguf_file),
                                Path(cache_dir) if cache_dir else default_cache_dir())
-    samples = tokenize_samples(ds, list(range(ds.n_users)), tokenizer, cfg.cutoff_len, template or PromptTemplate())
+    samples = tokenize_samples(ds, list(range(ds.n_samples)), tokenizer, cfg.cutoff_len,
+                               template or PromptTemplate())
     return np.array([len(s.ids) for s in samples], dtype=np.int64)
 
 

@@ -36,9 +36,9 @@ def selection_stage(ds: RecDataset, cfg: PruneConfig, scores: dict[str, np.ndarr
     apply_effort_correction(scores, cfg.effort)
     needed = required_scores(cfg.selection.method)
     result = select(cfg.selection.method, {k: v for k, v in scores.items() if k in needed}, cfg.selection,
-                    n_samples=ds.n_users)
+                    n_samples=ds.n_samples)
     if progress:
-        progress(1.0, f"selected {len(result.selected)} of {ds.n_users}")
+        progress(1.0, f"selected {len(result.selected)} of {ds.n_samples}")
     for note in result.notes:
         log.info("selection: %s", note)
     if len(result.selected) < cfg.selection.budget:
@@ -91,7 +91,7 @@ def run_selection(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOut
         scores["prompt_tokens"] = prompt_token_counts(ds, cfg.prune.effort, ctx.cache_dir, ctx.template)
     ctx.state["selection"] = result
     ctx.state["diagnostics"] = selection_diagnostics(ds, result, scores, scores["prompt_tokens"])
-    return StageOutput(message=f"selected {len(result.selected)} of {ds.n_users}")
+    return StageOutput(message=f"selected {len(result.selected)} of {ds.n_samples}")
 
 
 def run_outputs(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutput:

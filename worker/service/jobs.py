@@ -56,7 +56,8 @@ def create_prune_job(store: JobStore, celery, settings: Settings, llms: dict[str
     if needs_llm and req.params.effort.llm not in llms:
         raise JobRequestError(422, "invalid_request", f"params.effort.llm: unknown model '{req.params.effort.llm}'; "
                               f"this server offers {', '.join(sorted(llms))}", field="params.effort.llm")
-    n_users = int((dataset.statistics or {}).get("users", 1))
+    stats = dataset.statistics or {}
+    n_users = int(stats.get("samples", stats.get("users", 1)))  # "samples": users with a training sample
     n_samples = min(n_users, req.limit_users) if req.limit_users else n_users
     try:
         cfg = to_config(req, n_samples, device=settings.device)

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from core.data.errors import clip
 from worker.service import lua
 from worker.service.locks import JobLock
 from worker.service.records import TERMINAL, TRANSITIONS, DatasetRecord, JobEvent, JobRecord, utcnow
@@ -60,6 +61,9 @@ def is_valid_id(kind: str, value: str) -> bool:
     return value.startswith(prefix) and len(rest) == 22 and all(c in "0123456789abcdef" for c in rest)
 
 
+# The largest event id a client may name (`after`): JSON-safe, and far below Redis's 64-bit list indices.
+MAX_EVENT_ID = 2**53
+
 class StoreError(Exception):
     """A store operation refused for a reason the caller reports (missing record, bad transition)."""
 
@@ -77,7 +81,25 @@ def connect(url: str) -> redis.Redis:
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
-    return {k: json.dumps(v, separators=(",", ":"), default=str) for k, v in fields.items()}
+    return {k: json.dumps(capped_errors(k, v), separators=(",", ":"), default=str) for k, v in fields.items()}
+
+
+# A job's or dataset's stored errors: at most this many, each text in them clipped (core.data.errors.clip).
+MAX_STORED_ERRORS = 20
+
+
+def capped_errors(key: str, value: Any) -> Any:
+    """`error` / `errors` fields as they are stored: every text clipped, at most MAX_STORED_ERRORS, so
+    that no input can make a record (and the responses that show it) large."""
+    if key == "error" and isinstance(value, dict):
+        return _clipped(value)
+    if key == "errors" and isinstance(value, list):
+        return [_clipped(e) if isinstance(e, dict) else e for e in value[:MAX_STORED_ERRORS]]
+    return value
+
+
+def _clipped(error: dict[str, Any]) -> dict[str, Any]:
+    return {k: clip(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
 def _dump(model: BaseModel) -> dict[str, str]:
@@ -283,12 +305,15 @@ class JobStore:
 
     # ---- events -------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, level: str = "info", **data: Any) -> int:
-        body = json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": message, "data": data},
+        body = json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": clip(message), "data": data},
                           separators=(",", ":"), default=str)
         return int(self._append_event(keys=[self._events(job_id)], args=[body]))
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> tuple[list[JobEvent], bool]:
-        """Events with id > after, oldest first, and whether more follow."""
+        """Events with id > after, oldest first, and whether more follow (`after` past MAX_EVENT_ID:
+        none; Redis refuses list indices beyond 64 bits)."""
+        if after > MAX_EVENT_ID:
+            return [], False
         raw = self.r.lrange(self._events(job_id), after, after + limit)  # one extra: has_more
         return [JobEvent.model_validate_json(x) for x in raw[:limit]], len(raw) > limit
 

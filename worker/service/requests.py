@@ -19,7 +19,8 @@ Method = Literal[method_names()]
 
 
 class _Forbid(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: Infinity / NaN in a request are a 422, like any out-of-range number
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class EffortParams(_Forbid):
@@ -39,7 +40,7 @@ class EffortParams(_Forbid):
 
 
 class PruneParams(_Forbid):
-    lam: float | None = Field(None, ge=0.0, alias="lambda", description="effort weight (paper, Games: 0.3)")
+    lam: float | None = Field(None, ge=0.0, le=1000.0, alias="lambda", description="effort weight (paper, Games: 0.3)")
     strata: int | None = Field(None, ge=1, le=100_000, description="number of strata k (50)")
     hard_prune: float | None = Field(None, ge=0.0, lt=1.0, description="share of highest scores dropped (0.1)")
     normalize: Literal["minmax", "rank", "robust"] | None = Field(
@@ -62,7 +63,7 @@ class FinetuneParams(_Forbid):
     """LoRA fine-tuning of the job's LLM (`params.effort.llm`) on the selected samples, after the
     selection; omitted fields take the reference's BIGRec recipe (core's FinetuneConfig)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
         "epochs": 2, "micro_batch_size": 4, "evaluate": {"test_users": 500, "num_beams": 4}}]})
 
     epochs: int | None = Field(None, ge=1, le=1000, description="most epochs (50), early-stopped on validation loss")
@@ -79,14 +80,15 @@ class FinetuneParams(_Forbid):
 
 
 class PruneRequest(_Forbid):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False,
+                              json_schema_extra={"examples": [{
         "dataset_id": "ds_0193b0c1d2e3a1b2c3d4e5", "budget": 64, "method": "dealrec", "seed": 0,
         "limit_users": 600, "params": {"lambda": 0.3, "strata": 50, "hard_prune": 0.1,
                                        "surrogate": {"epochs": 200}, "influence": {"solver": "lissa"}}}]})
 
     dataset_id: str = Field(..., max_length=64)
     budget: StrictInt | StrictFloat = Field(
-        1024, description="samples to select: a count (64) or a ratio of the samples in (0, 1) (0.02)")
+        1024, description="samples to select: a count (64, at most 1e9) or a ratio of the samples in (0, 1) (0.02)")
     method: Method = "dealrec"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     limit_users: int | None = Field(None, ge=1, description="keep only the first N users")
