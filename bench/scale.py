@@ -244,8 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-tokens", type=int, default=40_000,
                    help="prompt tokens per effort shard (40,000: about 250 Games prompts, 8 shards for 2,000 users)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    p.add_argument("--parts", default="speedup,cold,kill",
+                   help="parts to run (speedup,cold,kill); kill alone takes its reference from a fresh service")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"speedup", "cold", "kill"} or ("cold" in parts and "speedup" not in parts):
+        p.error("--parts takes speedup, cold, kill (cold needs speedup)")
     args.extra = args.extra if args.extra is not None else max(1, args.limit_users // 10)
     args.kill_users = args.limit_users if args.kill_users is None else args.kill_users
     args.budget = args.budget or max(1, args.limit_users // 50)
@@ -255,30 +260,35 @@ def main(argv: list[str] | None = None) -> int:
     files = first_users(Path(args.data), args.limit_users)
     t0 = time.perf_counter()
 
-    one, two = part_speedup(args, files)
-    cold = part_cold(args)
-    kill = part_kill(args) if args.kill_users else None
-
-    inc = two["incremental"]
-    report: dict[str, Any] = {
-        "users": args.limit_users, "extra_users": args.extra, "budget": args.budget, "seed": args.seed,
-        "shard_tokens": args.shard_tokens,
-        "effort_seconds_1_worker": one["effort_s"], "effort_seconds_2_workers": two["effort_s"],
-        "effort_speedup_2_workers": round(one["effort_s"] / two["effort_s"], 3),
-        "job_seconds_1_worker": one["wall_s"], "job_seconds_2_workers": two["wall_s"],
-        "incremental_seconds": inc["wall_s"], "cold_seconds": cold["wall_s"],
-        "incremental_over_cold": round(inc["wall_s"] / cold["wall_s"], 3),
-        "rescored": inc["effort"].get("scored"), "from_store": inc["effort"].get("from_store"),
-        "incremental_surrogate": inc["surrogate"], "cold_surrogate": cold["surrogate"],
-        "selection_equal_1_vs_2_workers": one["selected"] == two["selected"],
-        "worker_peak_rss_mb": {"1_worker": one["worker_peak_rss_mb"], "2_workers": two["worker_peak_rss_mb"],
-                               "cold": cold["worker_peak_rss_mb"]},
-    }
-    selection_equal = report["selection_equal_1_vs_2_workers"]
-    if kill is not None:
+    report: dict[str, Any] = {"users": args.limit_users, "extra_users": args.extra, "budget": args.budget,
+                              "seed": args.seed, "shard_tokens": args.shard_tokens}
+    selection_equal = True
+    reference = None
+    if "speedup" in parts:
+        one, two = part_speedup(args, files)
+        cold = part_cold(args)
+        inc = two["incremental"]
+        report.update({
+            "effort_seconds_1_worker": one["effort_s"], "effort_seconds_2_workers": two["effort_s"],
+            "effort_speedup_2_workers": round(one["effort_s"] / two["effort_s"], 3),
+            "job_seconds_1_worker": one["wall_s"], "job_seconds_2_workers": two["wall_s"],
+            "incremental_seconds": inc["wall_s"], "cold_seconds": cold["wall_s"],
+            "incremental_over_cold": round(inc["wall_s"] / cold["wall_s"], 3),
+            "rescored": inc["effort"].get("scored"), "from_store": inc["effort"].get("from_store"),
+            "incremental_surrogate": inc["surrogate"], "cold_surrogate": cold["surrogate"],
+            "selection_equal_1_vs_2_workers": one["selected"] == two["selected"],
+            "worker_peak_rss_mb": {"1_worker": one["worker_peak_rss_mb"], "2_workers": two["worker_peak_rss_mb"],
+                                   "cold": cold["worker_peak_rss_mb"]}})
+        selection_equal = report["selection_equal_1_vs_2_workers"]
+        reference = two.get("kill_reference")
+    if "kill" in parts and args.kill_users:
+        if reference is None:
+            kill_files = first_users(Path(args.data), args.kill_users)
+            reference = run_service(args, 2, "scale-ref", lambda s: s.prune(s.upload(kill_files), args))
+        kill = part_kill(args)
         stats = shard_stats(kill["events"])
         report["kill"] = {"users": args.kill_users, "killed_pids": kill["killed"], "job_seconds": kill["wall_s"],
-                          "selection_equal": kill["selected"] == two["kill_reference"]["selected"],
+                          "selection_equal": kill["selected"] == reference["selected"],
                           "recomputed_samples": stats["scored"] - args.kill_users, **stats}
         report["kill"]["at_most_one_shard_recomputed"] = report["kill"]["recomputed_samples"] <= stats["biggest_shard"]
         selection_equal = selection_equal and report["kill"]["selection_equal"] and bool(kill["killed"])
