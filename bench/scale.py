@@ -51,19 +51,11 @@ PER_USER_FILES = ("sequential_train.txt", "sequential_valid.txt", "sequential_te
 
 
 def first_users(folder: Path, n: int) -> dict[str, bytes]:
-    """The DEALRec-layout files of `folder` cut to their first `n` users (one line per user in each
-    per-user file, in the same order; the item table whole)."""
-    files = {}
-    for name in (*PER_USER_FILES, "items.tsv"):
-        data = (folder / name).read_bytes()
-        if name in PER_USER_FILES:
-            lines = data.decode().splitlines(keepends=True)
-            head = 1 if name.endswith(".tsv") else 0
-            if len(lines) - head < n:
-                raise SystemExit(f"scale: error: {folder / name} has {len(lines) - head} users, fewer than {n}")
-            data = "".join(lines[:head + n]).encode()
-        files[name] = data
-    return files
+    """The DEALRec-layout files of `folder` cut to their first `n` users (the item table whole)."""
+    files = {name: (folder / name).read_bytes() for name in (*PER_USER_FILES, "items.tsv")}
+    if files["sequential_train.txt"].count(b"\n") < n:
+        raise SystemExit(f"scale: error: {folder} has fewer than {n} users")
+    return split_users(files, n)[0]
 
 
 class ScaleService(Service):
