@@ -192,13 +192,15 @@ def _on_ready(**_: object) -> None:
         torch.set_num_threads(settings.torch_threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, as in the CLI
     os.environ.setdefault("DEALREC_CACHE_DIR", str(settings.cache_root))
-    _heartbeat.start()
     try:
         sweep_storage()
     except (redis.RedisError, OSError) as exc:
         log.warning("storage sweep skipped: %s", exc)
     # Import core now (torch, transformers) rather than inside the first job.
     import worker.runner  # noqa: F401
+    # The heartbeat is what makes the worker count as live (/readyz, `dealrec worker`, the tests): it starts
+    # only once the worker can take a task, not while it still imports torch for seconds.
+    _heartbeat.start()
     log.info("dealrec worker ready (data %s, cache %s)", settings.data_dir, settings.cache_root)
 
 
