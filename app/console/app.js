@@ -1,10 +1,15 @@
 // dealrec console: plain JavaScript, no dependencies, nothing fetched from elsewhere.
 // Talks to the /v1 API of the server that serves it, with the key the user typed (sessionStorage).
 // Every piece of API data reaches the page through textContent or SVG attributes, never as HTML.
-"use strict";
+// Loaded as a native ES module (no build step; strict mode, as every module): the shared layer is in
+// its sibling modules (dom.js, format.js, api.js, view.js, key.js).
 
-const KEY_STORE = "dealrec.apiKey";
-const SVGNS = "http://www.w3.org/2000/svg";
+import {api, apiKey, listAll, openapi, randomKey} from "./api.js";
+import {$, clear, h, s} from "./dom.js";
+import {badge, errorList, fmtNum, fmtSeconds, fmtTime, where} from "./format.js";
+import {keyForm, renderKeybar} from "./key.js";
+import {nextView, poll, showError, viewToken} from "./view.js";
+
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const JOB_STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 const POLL_MS = 1000;
@@ -12,215 +17,7 @@ const POLL_MS = 1000;
 const chartWidth = () => (window.innerWidth < 600 ? 400 : 640);
 
 // ------------------------------------------------------------------------------------------------
-// DOM helpers
-
-function h(tag, attrs, ...children) {
-  const el = document.createElement(tag);
-  setAttrs(el, attrs);
-  append(el, children);
-  return el;
-}
-
-function s(tag, attrs, ...children) {
-  const el = document.createElementNS(SVGNS, tag);
-  setAttrs(el, attrs);
-  append(el, children);
-  return el;
-}
-
-function setAttrs(el, attrs) {
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "text") el.textContent = v;
-    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (k === "class") el.setAttribute("class", v);
-    else el.setAttribute(k, v === true ? "" : String(v));
-  }
-}
-
-function append(el, children) {
-  for (const c of children.flat(Infinity)) {
-    if (c === undefined || c === null || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  }
-}
-
-function clear(el) { while (el.firstChild) el.removeChild(el.firstChild); }
-
-const $ = (sel, root = document) => root.querySelector(sel);
-
-function fmtTime(iso) {
-  if (!iso) return "";
-  const d = new Date(iso);
-  return isNaN(d) ? String(iso) : d.toLocaleString();
-}
-
-function fmtNum(x, digits = 3) {
-  if (x === null || x === undefined || x === "") return "";
-  if (typeof x !== "number") return String(x);
-  if (Number.isInteger(x)) return x.toLocaleString("en-US");
-  return Math.abs(x) >= 1000 ? x.toFixed(0) : Number(x.toPrecision(digits)).toString();
-}
-
-function fmtSeconds(sec) {
-  if (sec === null || sec === undefined) return "";
-  if (sec < 60) return `${sec.toFixed(sec < 10 ? 2 : 1)} s`;
-  const m = Math.floor(sec / 60), r = Math.round(sec % 60);
-  return m < 60 ? `${m} min ${r} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
-}
-
-function badge(status) { return h("span", {class: `badge ${status}`, text: status}); }
-
-function randomKey() {
-  const b = new Uint8Array(16);
-  crypto.getRandomValues(b);  // works outside secure contexts too, unlike randomUUID
-  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-}
-
-// ------------------------------------------------------------------------------------------------
-// The API
-
-class ApiError extends Error {
-  constructor(status, code, message, detail) {
-    super(message);
-    this.status = status;
-    this.code = code;
-    this.detail = detail || {};
-  }
-}
-
-function apiKey() { return sessionStorage.getItem(KEY_STORE); }
-
-async function api(path, {method = "GET", json, form, as = "json", headers = {}} = {}) {
-  const key = apiKey();
-  if (!key) throw new ApiError(401, "no_key", "Enter an API key first.");
-  const opts = {method, headers: {Authorization: `Bearer ${key}`, ...headers}};
-  if (json !== undefined) {
-    opts.headers["Content-Type"] = "application/json";
-    opts.body = JSON.stringify(json);
-  } else if (form) {
-    opts.body = form;
-  }
-  let r;
-  try {
-    r = await fetch(path, opts);
-  } catch (e) {
-    throw new ApiError(0, "network", `The service cannot be reached (${e.message}).`);
-  }
-  if (!r.ok) {
-    let body = null;
-    try { body = await r.json(); } catch (_) { /* not JSON */ }
-    const err = (body && body.error) || {};
-    throw new ApiError(r.status, err.code || `http_${r.status}`, err.message || `HTTP ${r.status} ${r.statusText}`, err);
-  }
-  if (r.status === 204) return null;
-  if (as === "text") return r.text();
-  if (as === "blob") return r.blob();
-  return r.json();
-}
-
-let schemaCache = null;
-async function openapi() {
-  if (!schemaCache) {
-    const r = await fetch("/openapi.json");
-    if (!r.ok) throw new ApiError(r.status, "openapi", `Cannot read the API schema (HTTP ${r.status}).`);
-    schemaCache = await r.json();
-  }
-  return schemaCache;
-}
-
-// Where a dataset error points: "items.tsv, line 3, field 'title'".
-function where(e) {
-  return [e.file, e.line ? `line ${e.line}` : null, e.field ? `field '${e.field}'` : null].filter(Boolean).join(", ");
-}
-
-function errorList(errors) {
-  return h("ul", {class: "errors"}, errors.map((e) => {
-    const w = where(e);
-    return h("li", {}, w ? h("span", {class: "where", text: w}) : null, w ? " — " : null, e.message || e.code);
-  }));
-}
-
-function showError(e) {
-  const banner = $("#error");
-  if (!e) { banner.hidden = true; clear(banner); return; }
-  const msg = e instanceof ApiError ? e.message : `Unexpected error: ${e && e.message ? e.message : e}`;
-  banner.textContent = msg;
-  banner.hidden = false;
-  if (e instanceof ApiError && e.status === 401 && e.code !== "no_key") {
-    banner.textContent = `${msg} — enter a valid API key.`;
-  }
-}
-
-async function download(path, filename) {
-  try {
-    const blob = await api(path, {as: "blob"});
-    const url = URL.createObjectURL(blob);
-    const a = h("a", {href: url, download: filename, hidden: true});
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-  } catch (e) {
-    showError(e);
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Key, navigation, routing
-
-let poller = null;      // the current view's timer
-let viewToken = 0;      // bumped on every route: stale async work checks it and stops
-
-function stopPolling() {
-  if (poller) clearTimeout(poller);
-  poller = null;
-}
-
-function renderKeybar() {
-  const bar = $("#keybar");
-  clear(bar);
-  const nav = $("#nav");
-  if (apiKey()) {
-    nav.hidden = false;
-    bar.append(h("span", {class: "muted", text: "API key set for this tab"}),
-      h("button", {type: "button", class: "secondary", id: "forget-key", onclick: () => {
-        sessionStorage.removeItem(KEY_STORE);
-        route();
-      }}, "Forget key"));
-  } else {
-    nav.hidden = true;
-  }
-}
-
-function keyForm() {
-  const input = h("input", {type: "password", id: "api-key", autocomplete: "off", required: true,
-    "aria-describedby": "key-help", placeholder: "your API key"});
-  const status = h("p", {class: "error-text", id: "key-status", role: "alert"});
-  const form = h("form", {class: "card", id: "key-form", onsubmit: async (ev) => {
-    ev.preventDefault();
-    const key = input.value.trim();
-    if (!key) return;
-    sessionStorage.setItem(KEY_STORE, key);
-    try {
-      await api("/v1/datasets?limit=1");
-    } catch (e) {
-      sessionStorage.removeItem(KEY_STORE);
-      status.textContent = e.message;
-      input.focus();
-      return;
-    }
-    if (!location.hash || location.hash === "#") location.hash = "#/datasets";
-    route();
-  }},
-  h("h1", {text: "Sign in with an API key"}),
-  h("div", {class: "field"}, h("label", {for: "api-key", text: "API key"}), input,
-    h("span", {class: "help", id: "key-help",
-      text: "Sent as 'Authorization: Bearer <key>' with every request; kept only in this tab's session storage."})),
-  h("div", {class: "actions"}, h("button", {type: "submit", id: "key-submit"}, "Use this key")),
-  status);
-  return form;
-}
+// Routing
 
 function parseHash() {
   const raw = location.hash.replace(/^#\/?/, "");
@@ -229,14 +26,13 @@ function parseHash() {
 }
 
 async function route(ev) {
-  stopPolling();
+  const token = nextView();
   showError(null);
-  const token = ++viewToken;
-  renderKeybar();
+  renderKeybar(route);
   const main = $("#main");
   clear(main);
   if (!apiKey()) {  // nothing is requested, nothing rendered, without a key
-    main.append(keyForm());
+    main.append(keyForm(route));
     $("#api-key").focus();
     return;
   }
@@ -283,18 +79,6 @@ async function datasetsView(main, token) {
   main.append(listBox);
   await renderDatasetList(listBox, token);
 }
-
-async function listAll(path, limit = 400) {
-  const items = [];
-  let cursor = null;
-  do {
-    const page = await api(`${path}${path.includes("?") ? "&" : "?"}limit=200${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
-    items.push(...page.items);
-    cursor = page.next_cursor;
-  } while (cursor && items.length < limit);
-  return items;
-}
-
 async function renderDatasetList(box, token) {
   const items = await listAll("/v1/datasets");
   if (token !== viewToken) return;
@@ -412,7 +196,6 @@ function uploadCard(token) {
   zone, fileList, h("div", {class: "actions"}, button), status);
   return form;
 }
-
 // ------------------------------------------------------------------------------------------------
 // New job: the form is built from the OpenAPI schema of PruneRequest (defaults, ranges, choices).
 
@@ -634,7 +417,6 @@ async function newJobView(main, token, query) {
   h("div", {class: "actions"}, submit), status);
   main.append(form);
 }
-
 // ------------------------------------------------------------------------------------------------
 // Jobs list
 
@@ -683,7 +465,7 @@ async function jobsView(main, token, query) {
       location.hash = `#/jobs?${base}cursor=${encodeURIComponent(page.next_cursor)}`;
     }}, "Older"));
     box.append(pager);
-    if (page.items.some((j) => !TERMINAL.has(j.status))) poller = setTimeout(() => load().catch(showError), 2000);
+    if (page.items.some((j) => !TERMINAL.has(j.status))) poll(() => load().catch(showError), 2000);
   };
   await load();
 }
@@ -719,7 +501,7 @@ async function jobView(main, token, jobId) {
       }
       return;
     }
-    poller = setTimeout(() => tick().catch((e) => { if (token === viewToken) { showError(e); poller = setTimeout(() => tick().catch(showError), 3000); } }), POLL_MS);
+    poll(() => tick().catch((e) => { if (token === viewToken) { showError(e); poll(() => tick().catch(showError), 3000); } }), POLL_MS);
   };
   await tick();
 }
@@ -788,6 +570,21 @@ function downloads(job) {
   return h("div", {id: "downloads"}, h("h3", {text: "Downloads"}), h("div", {class: "actions"},
     items.filter(([k]) => links[k]).map(([k, file]) => h("button", {type: "button", class: "secondary",
       id: `download-${k}`, onclick: () => download(links[k], file)}, file))));
+}
+
+// Fetched with the key (a plain link could not send the Authorization header), then saved from a blob URL.
+async function download(path, filename) {
+  try {
+    const blob = await api(path, {as: "blob"});
+    const url = URL.createObjectURL(blob);
+    const a = h("a", {href: url, download: filename, hidden: true});
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (e) {
+    showError(e);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
