@@ -1,9 +1,14 @@
 """The web console: static files shipped in the package (`app/console/`), served at `/` and
 `/console/<file>`. Plain HTML, CSS and JavaScript, no build step and nothing fetched from elsewhere:
 the page calls the /v1 API itself with the key the user typed (kept in the tab's session storage).
+The JavaScript is native ES modules: index.html loads app.js with <script type="module">, and each
+module imports its siblings by relative path (./api.js is /console/api.js), so the folder stays flat.
+A browser runs a module only when it comes with a JavaScript media type: hence text/javascript.
 
 Served without authentication (the files hold no tenant's data) and with a strict Content Security
-Policy: scripts, styles and connections from this origin only, no inline script."""
+Policy: scripts (the imported modules too), styles and connections from this origin only, no inline
+script. `no-cache` makes the browser revalidate every file on each load, so a page never runs a new
+module next to a stale cached one."""
 
 from __future__ import annotations
 
