@@ -116,3 +116,58 @@ def test_a_warm_started_surrogate_is_never_worse_on_validation_than_its_start(tm
     assert start["epoch"] == 0 and start["loss"] is None
     assert report["valid"]["recall@20"] >= start["recall@20"]
     assert report["warm_start"] is True
+
+
+def test_the_adam_state_is_saved_and_carried_into_a_warm_start(tmp_path):
+    """The checkpoint keeps the Adam state of the best epoch; a warm start from it continues with that
+    state (new items' rows with zero moments) and is cached under a key of its own, while a warm start
+    from a checkpoint without it keeps the key it had before."""
+    from core.config import PruneConfig
+    from core.stages.scoring import surrogate_key
+    from core.surrogate.train import (
+        has_optimizer_state,
+        load_warm_start,
+        save_checkpoint,
+        train_surrogate,
+        train_surrogate_state,
+    )
+
+    old_files, new_files = _split_users(60, 20, seed=7)
+    old = load_dataset(_write(tmp_path / "old", old_files))
+    extend_files(tmp_path / "old", _write(tmp_path / "add", new_files), tmp_path / "v2")
+    new = load_dataset(tmp_path / "v2")
+    cfg = SurrogateConfig(hidden_size=16, num_heads=2, num_layers=1, epochs=6, eval_every=1, patience=2)
+    previous, report, opt_state = train_surrogate_state(old, cfg, seed=0)
+    steps = {int(v["step"]) for v in opt_state["state"].values()}
+    assert steps and min(steps) > 0
+
+    with_adam, without = tmp_path / "a" / "surrogate.pt", tmp_path / "b" / "surrogate.pt"
+    save_checkpoint(previous, with_adam, {"r": 1}, optimizer=opt_state)
+    save_checkpoint(previous, without, {"r": 1})
+    assert has_optimizer_state(with_adam) and not has_optimizer_state(without)
+    weights, loaded = load_warm_start(with_adam)
+    assert loaded is not None and load_warm_start(without)[1] is None
+    assert all(torch.equal(weights[k], v) for k, v in previous.state_dict().items())
+
+    # A grown catalogue: the saved moments cover the known items' rows, the new rows start at zero.
+    grown = SASRec(previous.n_items + 5, cfg)
+    warm_start(grown, weights)
+    from core.surrogate.train import _load_optimizer
+
+    opt = torch.optim.Adam(grown.parameters(), lr=cfg.lr)
+    _load_optimizer(opt, grown, loaded, lr=cfg.lr / 2)
+    table = grown.item_embeddings.weight
+    moments = opt.state[table]["exp_avg_sq"]
+    assert moments.shape == table.shape and torch.all(moments[previous.n_items + 1:] == 0)
+    assert opt.param_groups[0]["lr"] == cfg.lr / 2
+
+    # Adam continues: its step count (bias correction) is the earlier run's, not a fresh 0.
+    assert int(opt.state[table]["step"]) == max(steps)
+
+    _, carried = train_surrogate(new, cfg, seed=0, init_state=weights, init_optimizer=loaded)
+    _, fresh = train_surrogate(new, cfg, seed=0, init_state=weights)
+    assert carried["optimizer_carried"] is True and fresh["optimizer_carried"] is False
+
+    prune_cfg = PruneConfig()
+    base = surrogate_key(new, prune_cfg)
+    assert len({base, surrogate_key(new, prune_cfg, with_adam), surrogate_key(new, prune_cfg, without)}) == 3

@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 
 def surrogate_key(ds: RecDataset, cfg: PruneConfig, init: Path | None = None) -> str:
     """The surrogate's cache key; a warm-started one also names the checkpoint it started from (by
-    its own key: content-addressed), a cold one keeps the key it always had."""
-    warm = {"warm_from": Path(init).parent.name} if init is not None else {}
+    its own key: content-addressed) and, when that checkpoint carries its Adam state, that the state
+    was carried over (a different training); a cold one keeps the key it always had."""
+    from core.surrogate.train import has_optimizer_state
+
+    warm = {}
+    if init is not None:
+        warm = {"warm_from": Path(init).parent.name}
+        if has_optimizer_state(init):
+            warm["warm_optimizer"] = "carried"
     return cache_key("surrogate", data=ds.fingerprint, cfg=key_dump(cfg.surrogate), seed=cfg.seed, **warm)
 
 
@@ -38,7 +45,7 @@ def influence_key(ds: RecDataset, cfg: PruneConfig, init: Path | None = None) ->
 def surrogate_stage(ds, cfg, dev, cache_dir, progress=None, cancel=None, use_cache=True, init: Path | None = None):
     """(model, training report, checkpoint path, reused from the cache): trained, or loaded. `init`:
     a checkpoint (of a previous version of the data) to warm-start from."""
-    from core.surrogate.train import load_checkpoint, save_checkpoint, train_surrogate
+    from core.surrogate.train import load_checkpoint, load_warm_start, save_checkpoint, train_surrogate_state
 
     path = cache_dir / surrogate_key(ds, cfg, init) / "surrogate.pt"
     if use_cache and path.is_file():
@@ -50,15 +57,17 @@ def surrogate_stage(ds, cfg, dev, cache_dir, progress=None, cancel=None, use_cac
             return model, json.loads(extra.get("report_json", "null")), path, True
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             log.warning("surrogate cache %s unreadable (%s): retraining", path, exc)
-    state = None
+    state = optimizer = None
     if init is not None:
-        state = load_checkpoint(init, device=dev)[0].state_dict()
-        log.info("surrogate: warm start from %s", Path(init).parent.name)
+        state, optimizer = load_warm_start(init, device=dev)
+        log.info("surrogate: warm start from %s%s", Path(init).parent.name,
+                 "" if optimizer is not None else " (saved without its Adam state: a fresh one)")
     torch.manual_seed(cfg.seed)
-    model, report = train_surrogate(ds, cfg.surrogate, cfg.seed, device=dev, progress=progress, cancel=cancel,
-                                    init_state=state)
+    model, report, opt_state = train_surrogate_state(ds, cfg.surrogate, cfg.seed, device=dev, progress=progress,
+                                                     cancel=cancel, init_state=state, init_optimizer=optimizer)
     if use_cache:
-        save_checkpoint(model, path, {"report_json": json.dumps(report, default=float), "fingerprint": ds.fingerprint})
+        save_checkpoint(model, path, {"report_json": json.dumps(report, default=float), "fingerprint": ds.fingerprint},
+                        optimizer=opt_state)
     return model, report, path, False
 
 

@@ -152,7 +152,21 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
                     progress: Callable[[float, str], None] | None = None,
                     cancel: Callable[[], bool] | None = None,
                     train_users: Sequence[int] | None = None,
-                    init_state: dict[str, torch.Tensor] | None = None) -> tuple[SASRec, dict[str, Any]]:
+                    init_state: dict[str, torch.Tensor] | None = None,
+                    init_optimizer: dict[str, Any] | None = None) -> tuple[SASRec, dict[str, Any]]:
+    """(model, report) of `train_surrogate_state`, without the optimiser state."""
+    model, report, _ = train_surrogate_state(ds, cfg, seed, device, progress, cancel, train_users, init_state,
+                                             init_optimizer)
+    return model, report
+
+
+def train_surrogate_state(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: torch.device | str = "cpu",
+                          progress: Callable[[float, str], None] | None = None,
+                          cancel: Callable[[], bool] | None = None,
+                          train_users: Sequence[int] | None = None,
+                          init_state: dict[str, torch.Tensor] | None = None,
+                          init_optimizer: dict[str, Any] | None = None
+                          ) -> tuple[SASRec, dict[str, Any], dict[str, Any]]:
     """Train SASRec on the users' training lines; keep the state with the best validation Recall@20.
 
     Evaluates on valid every `cfg.eval_every` epochs (and after the last epoch), stops after
@@ -163,11 +177,15 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
     data): its weights are loaded before the first epoch, its item embeddings for the items it knew
     (items are appended, so item i keeps its row); the loaded model is evaluated before the first
     epoch and is the best state until an epoch beats it; early stopping then ends training as usual.
+    `init_optimizer`: the Adam state saved with that earlier model (`load_warm_start`), so that the
+    continued training takes the small steps the converged run was taking rather than a fresh
+    Adam's first steps, which move every weight by about the learning rate whatever its gradient.
     Deterministic on CPU for a given (ds, cfg, seed). Raises `Cancelled` when `cancel()` is True.
 
-    Returns (model in eval mode, report) with report keys: best_epoch, epochs_run, stopped_early,
-    valid (metrics at the best epoch), test (metrics of the restored model), train_seconds,
-    train_users, history (one entry per evaluation).
+    Returns (model in eval mode, report, Adam state of the best epoch) with report keys: best_epoch,
+    epochs_run, stopped_early, valid (metrics at the best epoch), test (metrics of the restored
+    model), train_seconds, train_users, history (one entry per evaluation), warm_start, and for a
+    warm start optimizer_carried.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -175,6 +193,8 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
     if init_state is not None:
         warm_start(model, init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    if init_state is not None and init_optimizer is not None:
+        _load_optimizer(opt, model, init_optimizer, cfg.lr)
     users = _trainable_users(ds, train_users)
     if len(users) == 0:
         raise ValueError("no training user has a line of at least 2 items")
@@ -183,6 +203,7 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
     best_score = -math.inf
     best_epoch = 0
     best_state: dict[str, torch.Tensor] | None = None
+    best_opt: dict[str, Any] | None = None
     best_valid: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     stale = 0
@@ -198,7 +219,10 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
         if valid["users"] > 0:
             best_score, best_valid = valid[CRITERION], valid
             best_state = copy.deepcopy(model.state_dict())
-        logger.info("surrogate: warm start, epoch 0 valid %s %.4f", CRITERION, valid[CRITERION])
+            best_opt = copy.deepcopy(opt.state_dict())
+        logger.info("surrogate: warm start (%s), epoch 0 valid %s %.4f",
+                    "Adam state carried over" if init_optimizer is not None else "fresh Adam", CRITERION,
+                    valid[CRITERION])
     for epoch in range(1, cfg.epochs + 1):
         loss = _train_epoch(model, ds, users, cfg, opt, rng, device, cancel)
         message = f"epoch {epoch}/{cfg.epochs} loss {loss:.4f}"
@@ -210,6 +234,7 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
                 best_score = valid[CRITERION]
                 best_epoch, best_valid, stale = epoch, valid, 0
                 best_state = copy.deepcopy(model.state_dict())
+                best_opt = copy.deepcopy(opt.state_dict())
             else:
                 stale += 1
             message += f" valid {CRITERION} {valid[CRITERION]:.4f} (best {best_score:.4f} @ {best_epoch})"
@@ -238,10 +263,41 @@ def train_surrogate(ds: RecDataset, cfg: SurrogateConfig, seed: int, device: tor
         "history": history,
         "warm_start": init_state is not None,
     }
+    if init_state is not None:
+        report["optimizer_carried"] = init_optimizer is not None
     logger.info("surrogate: best epoch %d, valid %s %.4f, test %s %.4f, %.1f s", best_epoch, CRITERION,
                 best_valid.get(CRITERION, float("nan")), CRITERION, test.get(CRITERION, float("nan")),
                 train_seconds)
-    return model, report
+    return model, report, best_opt if best_opt is not None else opt.state_dict()
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, model: SASRec, state: dict[str, Any], lr: float) -> None:
+    """Load an earlier run's Adam state into `opt`. A grown item table gets zero moments for its new
+    rows (they have had no updates yet); the learning rate stays this run's."""
+    state = copy.deepcopy(state)
+    names = [name for name, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    saved = state.get("state", {})
+    for index, name in enumerate(names):
+        entry = saved.get(index)
+        if entry is None:
+            continue
+        rows = params[name].shape[0]
+        for moment in ("exp_avg", "exp_avg_sq"):
+            value = entry.get(moment)
+            if value is None or value.shape == params[name].shape:
+                continue
+            grows = value.shape[1:] == params[name].shape[1:] and value.shape[0] <= rows
+            if name == "item_embeddings.weight" and grows:
+                grown = torch.zeros_like(params[name].detach())
+                grown[:value.shape[0]] = value
+                entry[moment] = grown
+            else:
+                raise ValueError(f"warm start: the saved Adam state of '{name}' is {tuple(value.shape)}, "
+                                 f"the weight {tuple(params[name].shape)}")
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def warm_start(model: SASRec, state: dict[str, torch.Tensor]) -> None:
@@ -288,10 +344,14 @@ def _check_plain(obj: Any, where: str = "extra") -> None:
     raise TypeError(f"{where}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
 
 
-def save_checkpoint(model: SASRec, path: str | os.PathLike[str], extra: dict[str, Any]) -> None:
-    """Write state_dict, cfg, n_items and `extra` (plain types / tensors only) to `path` atomically:
-    a temporary file in the same folder, then os.replace, so a reader never sees a partial file."""
+def save_checkpoint(model: SASRec, path: str | os.PathLike[str], extra: dict[str, Any],
+                    optimizer: dict[str, Any] | None = None) -> None:
+    """Write state_dict, cfg, n_items, `extra` (plain types / tensors only) and the optimiser's state
+    (what a warm start of a later version continues from) to `path` atomically: a temporary file in
+    the same folder, then os.replace, so a reader never sees a partial file."""
     _check_plain(extra)
+    if optimizer is not None:
+        _check_plain(optimizer, "optimizer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -301,6 +361,8 @@ def save_checkpoint(model: SASRec, path: str | os.PathLike[str], extra: dict[str
         "n_items": int(model.n_items),
         "extra": extra,
     }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -324,3 +386,19 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     return model, payload["extra"]
+
+
+def load_warm_start(path: str | os.PathLike[str], device: torch.device | str = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(weights, Adam state or None) of a checkpoint to warm-start from; checkpoints written before
+    the optimiser state was saved have none (a warm start from them uses a fresh Adam)."""
+    payload = torch.load(Path(path), map_location=device, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a surrogate checkpoint ({CHECKPOINT_FORMAT})")
+    return payload["state_dict"], payload.get("optimizer")
+
+
+def has_optimizer_state(path: str | os.PathLike[str]) -> bool:
+    """Whether a checkpoint carries the Adam state (memory-mapped: the tensors are not read)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(payload, dict) and payload.get("optimizer") is not None
