@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("authentication is DISABLED (DEALREC_AUTH_DISABLED=1): every request is tenant 'default'")
     app = FastAPI(title="dealrec", version="1", description=DESCRIPTION, docs_url="/docs")
     app.state.ctx = ServiceContext.build(settings)
-    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled)
+    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled, metrics_token=settings.metrics_token)
     errors.install(app)
     app.include_router(datasets.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
