@@ -1,8 +1,13 @@
 """Operational endpoints against the real API, worker and Redis (issue 14, item 7): /readyz names the
 workers (host:pid) only to a tenant's key or the metrics token; /metrics answers only the metrics
-token, and is off (404) where none is configured."""
+token, and is off (404) where none is configured; /docs and /redoc load every asset from this server,
+under a Content Security Policy that allows no other origin."""
 
 from __future__ import annotations
+
+import base64
+import hashlib
+import re
 
 import pytest
 from svc_helpers import KEYS, METRICS_TOKEN, auth
@@ -83,3 +88,55 @@ def test_metrics_token_settings_are_checked():
 def test_the_schema_declares_the_metrics_answers(client):
     responses = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]
     assert {"200", "401", "404"} <= set(responses)
+
+
+# ---------------------------------------------------------------------------------------------------
+# /docs and /redoc
+
+URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*'([^']+)'|spec-url="([^"]+)\"""")
+
+
+@pytest.mark.parametrize(("page", "assets"), [("/docs", {"swagger-ui-bundle.js", "swagger-ui.css", "favicon.png"}),
+                                               ("/redoc", {"redoc.standalone.js", "favicon.png"})])
+def test_docs_pages_load_every_asset_from_this_server(client, page, assets):
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text
+    html = r.text
+    assert "http://" not in html and "https://" not in html and "//" not in html.replace("<!--", ""), html
+    urls = {next(g for g in m.groups() if g) for m in URL.finditer(html)}
+    assert urls >= {f"/docs/assets/{a}" for a in assets} | {"/openapi.json"}, urls
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+        got = client.get(url)
+        assert got.status_code == 200 and len(got.content) > 100, (url, got.status_code)
+    assert client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"].startswith("text/javascript")
+    # The policy allows this origin only; an inline script (Swagger UI's bootstrap) by its exact hash.
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "http" not in csp and "*" not in csp and "unsafe-inline' ;" not in csp
+    script_src = re.search(r"script-src ([^;]*)", csp).group(1).split()
+    assert "'unsafe-inline'" not in script_src
+    inline = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    assert script_src == ["'self'"] + [f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+                                       for s in inline]
+
+
+def test_docs_assets_are_served_by_name_only(client):
+    for name in ("core.py", "..%2Fcore.py", "%2Fetc%2Fpasswd", "swagger-ui-bundle.js.map"):
+        r = client.get(f"/docs/assets/{name}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (name, r.text)
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_without_the_assets_package_docs_are_off_and_the_schema_stays(monkeypatch, settings):
+    """Where fastapi-offline is not installed: /docs and /redoc are 404 (never FastAPI's CDN pages)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.routes import docs
+
+    monkeypatch.setattr(docs, "assets_dir", lambda: None)
+    with TestClient(create_app(settings)) as c:
+        for page in ("/docs", "/redoc", "/docs/assets/swagger-ui-bundle.js"):
+            r = c.get(page)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (page, r.text)
+        assert c.get("/openapi.json").json()["info"]["title"] == "dealrec"
