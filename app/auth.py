@@ -2,7 +2,11 @@
 
 Keys come from `DEALREC_API_KEYS="tenant1:key1,tenant2:key2"` and/or the file named by
 `DEALREC_API_KEYS_FILE` (one `tenant:key` per line, `#` comments). Every configured key is compared
-with `hmac.compare_digest`, all of them each time, so timing reveals neither a key nor which one matched."""
+with `hmac.compare_digest`, all of them each time, so timing reveals neither a key nor which one matched.
+
+The metrics token (`DEALREC_METRICS_TOKEN`) is a credential apart: it opens /metrics and shows the
+workers' identities in /readyz, and nothing under /v1; a tenant key does not open /metrics. There is
+no admin key: every key is one tenant's, so no answer carries series per tenant."""
 
 from __future__ import annotations
 
@@ -48,28 +52,56 @@ def load_keys(settings: Settings) -> list[tuple[str, str]]:
     if not keys and not settings.auth_disabled:
         raise ConfigError("no API keys configured: set DEALREC_API_KEYS or DEALREC_API_KEYS_FILE "
                           "(or DEALREC_AUTH_DISABLED=1 to run without authentication)")
+    if settings.metrics_token and any(hmac.compare_digest(settings.metrics_token, key) for _, key in keys):
+        raise ConfigError("DEALREC_METRICS_TOKEN must differ from every API key (a tenant's key must not open "
+                          "/metrics)")
     return keys
 
 
+def _bearer(authorization: str | None) -> bytes | None:
+    scheme, _, given = (authorization or "").partition(" ")
+    return given.strip().encode() if scheme.lower() == "bearer" and given.strip() else None
+
+
 class Authenticator:
-    def __init__(self, keys: list[tuple[str, str]], disabled: bool = False) -> None:
+    def __init__(self, keys: list[tuple[str, str]], disabled: bool = False, metrics_token: str = "") -> None:
         self.keys = [(t, k.encode()) for t, k in keys]
         self.disabled = disabled
+        self.metrics_token = metrics_token.encode()
 
-    def tenant_of(self, authorization: str | None) -> str:
-        if self.disabled:
-            return ANONYMOUS
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise _unauthorized("missing bearer token: send 'Authorization: Bearer <key>'")
-        token = given.strip().encode()
+    def _tenant_of_token(self, token: bytes) -> str | None:
         found = None
         for tenant, key in self.keys:
             if hmac.compare_digest(token, key) and found is None:
                 found = tenant
+        return found
+
+    def tenant_of(self, authorization: str | None) -> str:
+        if self.disabled:
+            return ANONYMOUS
+        token = _bearer(authorization)
+        if token is None:
+            raise _unauthorized("missing bearer token: send 'Authorization: Bearer <key>'")
+        found = self._tenant_of_token(token)
         if found is None:
             raise _unauthorized("invalid API key")
         return found
+
+    def is_metrics_token(self, authorization: str | None) -> bool:
+        token = _bearer(authorization)
+        return bool(self.metrics_token) and token is not None and hmac.compare_digest(token, self.metrics_token)
+
+    def is_identified(self, authorization: str | None) -> bool:
+        """A configured tenant key or the metrics token (no error either way: for endpoints that answer
+        everyone and tell a caller with a credential more). With authentication disabled a request
+        without one is not identified either: every request is then tenant 'default', anonymous ones too."""
+        token = _bearer(authorization)
+        if token is None:
+            return False
+        # Both compared every time: the timing does not tell which kind of credential was sent.
+        tenant = self._tenant_of_token(token)
+        metrics = self.is_metrics_token(authorization)
+        return tenant is not None or metrics
 
 
 def _unauthorized(message: str) -> ApiError:

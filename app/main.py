@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app import errors
 from app.auth import Authenticator, load_keys
 from app.context import ServiceContext
-from app.routes import console, datasets, jobs, ops
+from app.routes import console, datasets, docs, jobs, ops
 from worker.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = load_keys(settings)  # raises ConfigError: no keys and auth not disabled
     if settings.auth_disabled:
         log.warning("authentication is DISABLED (DEALREC_AUTH_DISABLED=1): every request is tenant 'default'")
-    app = FastAPI(title="dealrec", version="1", description=DESCRIPTION, docs_url="/docs")
+    # /docs and /redoc from packaged assets (app/routes/docs.py), not FastAPI's CDN-loading pages.
+    app = FastAPI(title="dealrec", version="1", description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.ctx = ServiceContext.build(settings)
-    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled)
+    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled, metrics_token=settings.metrics_token)
     errors.install(app)
     app.include_router(datasets.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(ops.router)
     app.include_router(console.router)  # the web console at /
+    folder = docs.assets_dir()
+    if folder is not None:
+        app.include_router(docs.router(folder, app.openapi_url or "/openapi.json", app.title))
+    else:
+        log.warning("/docs and /redoc are off: the package fastapi-offline (their assets) is not installed; "
+                    "the schema is at /openapi.json")
     return app

@@ -53,12 +53,16 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.config import MAX_EPOCHS  # noqa: E402
 from core.data.synthetic import dealrec_layout_files  # noqa: E402
 
 LOOPBACK_NAMES = {"localhost"}
 
-# A job that keeps running: no validation before the last of a million surrogate epochs.
-RUNNING_JOB_PARAMS = {"surrogate": {"epochs": 1_000_000, "eval_every": 1_000_000, "patience": 1000},
+# A job that keeps running: no validation before the last of the most surrogate epochs a request may
+# ask for (core.config.MAX_EPOCHS, 10,000), each of 200 one-sample steps (0.5 to 1 s here): an
+# hour or more of training, longer than any --duration.
+RUNNING_JOB_PARAMS = {"surrogate": {"epochs": MAX_EPOCHS, "eval_every": MAX_EPOCHS, "patience": 1000,
+                                    "batch_size": 1},
                       "influence": {"lissa_steps": 200}}
 
 

@@ -83,7 +83,7 @@ class ScaleService(Service):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
             r = httpx.get(f"{self.url}/readyz", timeout=2.0)
-            return r.status_code == 200 and len(r.json()["checks"]["workers"]) >= self.procs_wanted
+            return r.status_code == 200 and r.json()["checks"]["workers"] >= self.procs_wanted  # a count
         wait_until(ready, 180, f"{self.name}: API and {self.procs_wanted} worker processes ready", interval=0.5)
         log(f"{self.name}: API {self.url}, {self.procs_wanted} worker process(es)")
 

@@ -1,5 +1,11 @@
-"""Operational endpoints, without authentication (probes and scrapers carry no keys; nothing here
-names a tenant's data): /healthz, /readyz, /metrics."""
+"""Operational endpoints: /healthz, /readyz, /metrics.
+
+/healthz and /readyz answer without a key (probes carry none). /readyz tells anyone whether Redis
+answers and how many workers are alive; the workers' identities (host:pid) only to a request with a
+tenant's key or the metrics token, since they map the deployment. /metrics answers only the metrics
+token (`DEALREC_METRICS_TOKEN`, a scraper's credential, not a tenant's: queue depth and job counts are
+every tenant's together, one tenant must not watch another's burst); without a token configured it
+is off (404). It has no series per tenant: there is no admin key to show them to."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app.context import get_ctx
-from app.errors import error_body
+from app.errors import ApiError, error_body
 from app.metrics import render_metrics
 from worker.celery_app import QUEUES
 
@@ -26,7 +32,9 @@ def healthz() -> dict:
 
 @router.get("/readyz", responses={503: {"description": "Redis unreachable or no worker alive"}})
 def readyz(request: Request) -> JSONResponse:
-    """Redis answers PING and at least one worker's heartbeat key is fresh.
+    """Redis answers PING and at least one worker's heartbeat key is fresh: `checks.redis` and
+    `checks.workers` (how many are alive); with a tenant's key or the metrics token also
+    `checks.worker_ids` (host:pid of each). A missing or unknown key is not an error here.
 
     Not Celery's control.ping: its replies travel over Redis pub/sub, which kombu does not prefix
     with `global_keyprefix` (kombu#1494), so with our key prefix no worker ever answers; and a
@@ -41,16 +49,29 @@ def readyz(request: Request) -> JSONResponse:
     except redis.RedisError as exc:
         checks["redis"] = False
         log.warning("readyz: redis: %s", exc)
-    checks["workers"] = workers
+    checks["workers"] = len(workers)
+    if request.app.state.auth.is_identified(request.headers.get("authorization")):
+        checks["worker_ids"] = workers
     if checks["redis"] and workers:
         return JSONResponse({"status": "ready", "checks": checks})
     reason = "Redis is unreachable" if not checks["redis"] else "no worker is alive"
     return JSONResponse(error_body("not_ready", reason, checks=checks), status_code=503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={401: {"description": "no metrics token, or another one (a tenant's key does not open it)"},
+                       404: {"description": "metrics are off: DEALREC_METRICS_TOKEN is not set"}})
 def metrics(request: Request) -> PlainTextResponse:
-    """Prometheus text format: jobs by status, stage durations, queue depth, live workers."""
+    """Prometheus text format: jobs by status, stage durations, queue depth, live workers, for every
+    tenant together. Scrape with `Authorization: Bearer <DEALREC_METRICS_TOKEN>`."""
+    auth = request.app.state.auth
+    if not auth.metrics_token:
+        raise ApiError(404, "metrics_disabled",
+                       "metrics are off: set DEALREC_METRICS_TOKEN and scrape with 'Authorization: Bearer <token>'")
+    if not auth.is_metrics_token(request.headers.get("authorization")):
+        raise ApiError(401, "unauthorized", "/metrics needs the metrics token: 'Authorization: Bearer <token>' "
+                                            "(DEALREC_METRICS_TOKEN; a tenant's API key does not open it)",
+                       headers={"WWW-Authenticate": "Bearer"})
     ctx = get_ctx(request)
     try:
         snap = ctx.store.metrics_snapshot()

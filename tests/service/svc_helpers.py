@@ -21,6 +21,8 @@ from core.data.synthetic import dealrec_layout_files
 ROOT = Path(__file__).resolve().parents[2]
 
 KEYS = {"acme": "acme-key-0123456789abcdef", "other": "other-key-0123456789abcdef"}
+# The scrapers' token of /metrics (DEALREC_METRICS_TOKEN), no tenant's key.
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
 
 
 def auth(tenant: str) -> dict[str, str]:

@@ -237,3 +237,32 @@ def test_console_end_to_end(browser, api_server, worker, api, downloads, tmp_pat
     css(d, "#forget-key")[0].click()
     wait(d, lambda x: css(x, "#api-key"), what="the key form again")
     assert not css(d, "#jobs-table")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The API's documentation pages (app/routes/docs.py), in the same browser: they render, every request
+# they make goes to this server, and their Content Security Policy blocks nothing they need.
+
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+CSP_WATCH = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+             "e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+
+
+@pytest.mark.parametrize(("page", "rendered", "parts"), [("/docs", ".swagger-ui .info .title", ".opblock"),
+                                                          ("/redoc", ".api-info h1", "[data-section-id]")])
+def test_api_docs_render_from_this_server_alone(browser, api_server, page, rendered, parts):
+    d = browser
+    watch = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_WATCH})
+    try:
+        d.get(api_server.url + page)
+        wait(d, lambda x: any("dealrec" in e.text for e in css(x, rendered)), what=f"{page}: the API's title")
+        wait(d, lambda x: len(css(x, parts)) >= 10, what=f"{page}: the operations")
+        loaded = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert any(u.endswith("/openapi.json") for u in loaded), loaded
+        elsewhere = [u for u in loaded if not u.startswith(api_server.url + "/")]
+        # Only ReDoc's "powered by" logo is asked of another server, and the policy blocks that request
+        # (ReDoc then hides the image); nothing the pages need is blocked.
+        assert elsewhere == ([REDOC_LOGO] if page == "/redoc" else []), loaded
+        assert d.execute_script("return window.__csp") == [f"img-src {u}" for u in elsewhere]
+    finally:
+        d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": watch["identifier"]})

@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
+from svc_helpers import FAST, METRICS_TOKEN, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 from core.config import PruneConfig
 from core.data import load_dataset
@@ -226,7 +226,7 @@ def test_delete_dataset_when_idle(api):
 def test_metrics(client, api, dataset):
     job = _prune(api, dataset["id"], budget=3, method="random").json()
     wait_job(api, job["id"])
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert "# TYPE dealrec_jobs gauge" in text
     assert 'dealrec_jobs_finished_total{status="succeeded"}' in text
     assert 'dealrec_queue_depth{queue="cpu"}' in text and 'dealrec_stage_duration_seconds_count{stage="load"}' in text

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from svc_helpers import auth, free_port, multipart, tiny_dataset
+from svc_helpers import METRICS_TOKEN, auth, free_port, multipart, tiny_dataset
 
 from worker.service.jobstore import connect
 
@@ -60,7 +60,7 @@ def test_redis_down_is_503_and_recovers(start_api_server, tmp_path):
                 assert time.monotonic() - t0 < 10
             assert c.get("/readyz").status_code == 503
             assert c.get("/healthz").status_code == 200
-            assert "dealrec_store_up 0" in c.get("/metrics").text
+            assert "dealrec_store_up 0" in c.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
             server.start()
             r = c.get("/v1/jobs", headers=h)
             assert r.status_code == 200, r.text

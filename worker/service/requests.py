@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from core.config import FinetuneConfig, InfluenceConfig, LLMEvalConfig, PruneConfig, SurrogateConfig
-from core.params import PruneOverrides, check_budget, resolve, validated, without_none
+from core.config import MAX_USERS, FinetuneConfig, InfluenceConfig, LLMEvalConfig, PruneConfig, SurrogateConfig
+from core.params import MAX_BUDGET, PruneOverrides, check_budget, resolve, validated, without_none
 from core.selection.methods import method_names
 
 # The registry's methods, as the schema's enum (core/selection/methods.py).
@@ -53,7 +53,8 @@ class PruneParams(_Forbid):
 class EvaluateParams(_Forbid):
     """LLM-level evaluation after fine-tuning (BIGRec grounding; core's LLMEvalConfig defaults)."""
 
-    test_users: int | None = Field(None, ge=1, description="a seeded random subset of N users with a test item (all)")
+    test_users: int | None = Field(None, ge=1, le=MAX_USERS,
+                                   description="a seeded random subset of N users with a test item (all)")
     num_beams: int | None = Field(None, ge=1, le=16, description="beam search width (4)")
     max_new_tokens: int | None = Field(None, ge=1, le=1024, description="longest generated title (128)")
     exclude_seen: bool = False
@@ -87,11 +88,14 @@ class PruneRequest(_Forbid):
                                        "surrogate": {"epochs": 200}, "influence": {"solver": "lissa"}}}]})
 
     dataset_id: str = Field(..., max_length=64)
+    # check_budget enforces the bounds (and that a count >= 1 is whole); the schema states them beside the
+    # union, where they hold for both members.
     budget: StrictInt | StrictFloat = Field(
-        1024, description="samples to select: a count (64, at most 1e9) or a ratio of the samples in (0, 1) (0.02)")
+        1024, description="samples to select: a count (64, at most 1e9) or a ratio of the samples in (0, 1) (0.02)",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_BUDGET})
     method: Method = "dealrec"
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    limit_users: int | None = Field(None, ge=1, description="keep only the first N users")
+    limit_users: int | None = Field(None, ge=1, le=MAX_USERS, description="keep only the first N users")
     split: Literal["chrono", "loo"] = Field("chrono",
                                             description="interaction logs: chronological 8:1:1 or leave-one-out")
     params: PruneParams = PruneParams()

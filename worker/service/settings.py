@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.params import first_error
 
@@ -63,6 +63,8 @@ class Settings(BaseModel):
     api_keys: str = ""
     api_keys_file: Path | None = None
     auth_disabled: bool = False
+    # The bearer token of /metrics (a scraper's, not a tenant's); empty: /metrics answers 404.
+    metrics_token: str = ""
     worker_heartbeat_s: float = Field(5.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -70,6 +72,14 @@ class Settings(BaseModel):
         if not self.key_prefix:
             raise ValueError("key_prefix must not be empty (every key the service writes carries it)")
         return self
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _token_long_enough(cls, token: str) -> str:
+        token = token.strip()
+        if token and len(token) < 16:
+            raise ValueError("must be at least 16 characters (or empty: /metrics off)")
+        return token
 
     @property
     def broker(self) -> str:
