@@ -18,7 +18,7 @@ from app.filenames import is_archive
 from app.uploads import receive_files
 from core.data.errors import DataError
 from core.data.precheck import precheck
-from worker.celery_app import TASK_VALIDATE
+from worker.celery_app import TASK_VALIDATE, send
 from worker.service.jobstore import new_id
 from worker.service.records import DatasetRecord, FileInfo
 from worker.service.responses import DatasetList, DatasetOut
@@ -135,7 +135,7 @@ def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
         final = ctx.files.dataset_files(rec.id)
         final.parent.mkdir(parents=True, exist_ok=True)
         ctx.files.publish(files_dir, final)
-        ctx.celery.send_task(TASK_VALIDATE, args=[rec.id], queue="cpu")
+        send(ctx.celery, TASK_VALIDATE, [rec.id], "cpu")
     except Exception:
         ctx.store.delete_dataset(rec.tenant, rec.id)
         ctx.files.remove(ctx.files.dataset_dir(rec.id))
