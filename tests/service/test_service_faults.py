@@ -4,15 +4,27 @@ uploads are swept within minutes, and a cancel that arrives while the LLM loads 
 
 from __future__ import annotations
 
-from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job
+import shutil
+
+from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 from worker.celery_app import TASK_VALIDATE, make_celery
+from worker.deliveries import PARKED_DATASET, PARKED_JOB
+from worker.service.jobstore import new_id
+from worker.service.records import DatasetRecord
+
+# A job slow enough to kill mid-way: the surrogate trains for many epochs (no early stop).
+SLOW = {"surrogate": {"epochs": 5000, "eval_every": 5000, "patience": 1}, "influence": {"lissa_steps": 200}}
 
 
 def _prune(api, dataset_id: str, **body) -> dict:
     r = api("POST", "/v1/prune", json={"dataset_id": dataset_id, **body})
     assert r.status_code == 202, r.text
     return r.json()
+
+
+def _messages(api, job_id: str) -> list[str]:
+    return [e["message"] for e in api("GET", f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]]
 
 
 def _task_results(store) -> dict[str, int]:
@@ -42,3 +54,58 @@ def test_celery_results_hold_no_exception_payload(api, worker, settings, store):
     assert job["status"] == "succeeded", job
     # Only the effort shards' results (a chord counts them) may be stored, and they are short.
     assert all(n < 2048 for n in _task_results(store).values()), _task_results(store)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Work that kills its worker
+
+
+def test_a_job_that_kills_its_worker_twice_is_parked(api, worker, store):
+    """The worker running a job is SIGKILLed twice at the same stage (as an input that exhausts its
+    memory would kill it); the third delivery does not run the job but fails it with a short error,
+    and the worker that got it is up and takes the next job."""
+    d = upload(api, tiny_dataset(seed=41))
+    job = _prune(api, d["id"], budget=4, method="influence", params=SLOW)
+    for _ in range(2):  # two deliveries, each killed mid-run
+        pid = worker.proc.pid
+        # Running on this worker process (its run is counted once the job names the process).
+        wait_for(lambda: store.get_job(job["id"]).model_dump(),
+                 lambda j, pid=pid: j["status"] == "running" and j["stage"] == "surrogate"
+                 and (j["worker"] or "").endswith(f":{pid}"), timeout=180, interval=0.2)
+        worker.kill()
+        worker.start()
+    done = wait_job(api, job["id"], timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "worker_lost" and done["error"]["message"] == PARKED_JOB, done
+    assert f"job failed: {PARKED_JOB}" in _messages(api, job["id"])
+    # The worker that parked it is up and runs the next job.
+    assert worker.proc.poll() is None
+    nxt = wait_job(api, _prune(api, d["id"], budget=4, method="random", seed=1)["id"])
+    assert nxt["status"] == "succeeded", nxt
+    assert api("GET", f"/v1/jobs/{job['id']}").json()["status"] == "failed"
+
+
+def test_a_validation_whose_worker_stopped_twice_is_parked(api, worker, settings, store):
+    """A dataset whose validation ran twice without ending (both workers died: the store counted two
+    runs and no end) is marked invalid with a short error when its message comes a third time."""
+    from worker.service.files import Files
+
+    rec = DatasetRecord(id=new_id("ds"), tenant="acme", name="crashes")
+    store.create_dataset(rec)
+    write_dataset(Files(settings.data_dir).dataset_files(rec.id), tiny_dataset(n_users=12, seed=42))
+    for _ in range(2):
+        store.begin_delivery(f"dataset:{rec.id}:validate")
+    make_celery(settings).send_task(TASK_VALIDATE, args=[rec.id], queue="cpu", ignore_result=True)
+    d = wait_for(lambda: api("GET", f"/v1/datasets/{rec.id}").json(), lambda d: d["status"] != "validating")
+    assert d["status"] == "invalid", d
+    assert [(e["code"], e["message"]) for e in d["errors"]] == [("worker_lost", PARKED_DATASET)]
+
+    # One run that died is not enough: the same files validate on the second delivery.
+    again = DatasetRecord(id=new_id("ds"), tenant="acme", name="one crash")
+    store.create_dataset(again)
+    shutil.copytree(Files(settings.data_dir).dataset_files(rec.id), Files(settings.data_dir).dataset_files(again.id))
+    store.begin_delivery(f"dataset:{again.id}:validate")
+    make_celery(settings).send_task(TASK_VALIDATE, args=[again.id], queue="cpu", ignore_result=True)
+    d = wait_for(lambda: api("GET", f"/v1/datasets/{again.id}").json(), lambda d: d["status"] != "validating")
+    assert d["status"] == "ready", d
+    assert not store.r.exists(store.key("deliveries", f"dataset:{again.id}:validate")), "the count was not cleared"

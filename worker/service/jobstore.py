@@ -14,6 +14,8 @@ Layout (all under the configurable prefix, default `dealrec:`):
     metrics:stage_seconds    hash: stage -> summed seconds;  metrics:stage_count: stage -> runs
     worker:<hostname>        a worker's liveness key, renewed while it runs
     reaper                   held for one period by the worker that looks for stalled jobs
+    deliveries:<work>        runs of a piece of work started and not ended (worker/deliveries.py):
+                             <work> = job:<id>:<stage> | shard:<job id>:<round>:<index> | dataset:<id>:validate
 
 Celery's own broker/backend keys carry the same prefix (kombu's `global_keyprefix`), so one prefix
 owns everything. Every read-modify-write is one Lua script, so two processes never interleave.
@@ -353,6 +355,19 @@ class JobStore:
 
     def drop_shards(self, job_id: str) -> None:
         self.r.delete(self._shards(job_id))
+
+    # ---- deliveries (worker/deliveries.py) ------------------------------------------------------
+    def begin_delivery(self, work: str) -> int:
+        """One more run of `work` started; returns the runs started and not ended, this one included."""
+        key = self.key("deliveries", work)
+        with self.r.pipeline() as p:
+            p.incr(key)
+            p.expire(key, self.job_ttl_s)
+            runs, _ = p.execute()
+        return int(runs)
+
+    def end_delivery(self, work: str) -> None:
+        self.r.delete(self.key("deliveries", work))
 
     # ---- locks and liveness -------------------------------------------------------------------
     def job_lock(self, job_id: str, ttl_s: float) -> JobLock:
