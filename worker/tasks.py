@@ -128,7 +128,7 @@ def effort_shard(self, job_id: str, index: int) -> str:
 @app.task(name=TASK_SWEEP)
 def sweep_storage() -> int:
     store, files = _context()
-    return files.sweep(store.job_exists, store.dataset_exists)
+    return files.sweep(store.job_exists, store.dataset_exists, get_settings().stale_upload_s)
 
 
 def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
@@ -163,7 +163,9 @@ def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
 
 class _Heartbeat:
     """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
-    cannot answer Celery's control.ping, yet it is there."""
+    cannot answer Celery's control.ping, yet it is there. The same thread looks for stalled jobs
+    (one worker per period) and removes stale temporary folders (every worker, cheap: a partial
+    upload an API left when it died goes within minutes, not at the next worker start)."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -176,8 +178,9 @@ class _Heartbeat:
 
     def _run(self) -> None:
         settings = get_settings()
-        store, _ = _context()
+        store, files = _context()
         next_reap = time.monotonic() + settings.lock_ttl_s
+        next_sweep = time.monotonic() + settings.tmp_sweep_period_s  # the worker swept at start
         while True:
             try:
                 store.worker_alive(self.name, settings.worker_heartbeat_s * 3)
@@ -186,6 +189,12 @@ class _Heartbeat:
                     requeue_stalled_jobs(store, settings, self.name)
             except redis.RedisError as exc:
                 log.warning("heartbeat not written: %s", exc)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + settings.tmp_sweep_period_s
+                try:
+                    files.sweep_tmp(settings.stale_upload_s)
+                except OSError as exc:
+                    log.warning("temporary folders not swept: %s", exc)
             if self.stop.wait(settings.worker_heartbeat_s):
                 break
 

@@ -4,9 +4,17 @@ uploads are swept within minutes, and a cancel that arrives while the LLM loads 
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
 import shutil
+import time
+import uuid
+from pathlib import Path
 
-from svc_helpers import FAST, tiny_dataset, upload, wait_for, wait_job, write_dataset
+import pytest
+from conftest import WorkerProcess
+from svc_helpers import FAST, auth, tiny_dataset, upload, wait_for, wait_job, write_dataset
 
 from worker.celery_app import TASK_VALIDATE, make_celery
 from worker.deliveries import PARKED_DATASET, PARKED_JOB
@@ -109,3 +117,90 @@ def test_a_validation_whose_worker_stopped_twice_is_parked(api, worker, settings
     d = wait_for(lambda: api("GET", f"/v1/datasets/{again.id}").json(), lambda d: d["status"] != "validating")
     assert d["status"] == "ready", d
     assert not store.r.exists(store.key("deliveries", f"dataset:{again.id}:validate")), "the count was not cleared"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stale partial uploads
+
+STALE_S = 10  # the sweeping worker's DEALREC_STALE_UPLOAD_S: a sweep every second
+
+
+@pytest.fixture
+def sweeper(service_env, store, tmp_path):
+    """A worker of the test's own that removes temporary folders unchanged for STALE_S seconds."""
+    w = WorkerProcess({**service_env, "DEALREC_STALE_UPLOAD_S": str(STALE_S)}, tmp_path, store)
+    w.n = 20  # its own log file
+    w.start()
+    yield w
+    w.stop()
+
+
+class _SlowUpload:
+    """A multipart upload of `files` over a raw HTTP connection, sent piece by piece."""
+
+    def __init__(self, url: str, files: dict[str, bytes]) -> None:
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                 for name, data in files.items()]
+        self.body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.conn.putrequest("POST", "/v1/datasets")
+        for k, v in {**auth("acme"), "Content-Type": f"multipart/form-data; boundary={boundary}",
+                     "Content-Length": str(len(self.body))}.items():
+            self.conn.putheader(k, v)
+        self.conn.endheaders()
+        self.sent = 0
+
+    def send(self, n: int) -> None:
+        self.conn.send(self.body[self.sent:self.sent + n])
+        self.sent = min(len(self.body), self.sent + n)
+
+    def finish(self) -> tuple[int, dict]:
+        self.send(len(self.body))
+        r = self.conn.getresponse()
+        out = r.status, json.loads(r.read())
+        self.conn.close()
+        return out
+
+
+def _uploads(tmp: Path) -> set[str]:
+    return {p.name for p in tmp.glob("upload-*")} if tmp.is_dir() else set()
+
+
+def test_stale_partial_uploads_are_swept_and_live_ones_kept(sweeper, start_api_server, settings):
+    tmp = settings.data_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    an_hour_ago = time.time() - 3600
+    # What an API killed mid-upload leaves: a folder with a partial file, untouched for an hour.
+    stale = write_dataset(tmp / "upload-stale" / "raw", {"sequential_train.txt": b"1 2 3\n1 4"})
+    # A folder as old, but a file deep inside it was written just now: still in use.
+    recent = write_dataset(tmp / "upload-recent" / "raw" / "deep", {"part": b"x"})
+    for path in (stale / "sequential_train.txt", stale, stale.parent, recent, recent.parent, recent.parent.parent):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    wait_for(lambda: {"left": (tmp / "upload-stale").exists()}, lambda r: not r["left"], timeout=60, interval=0.2)
+    assert (tmp / "upload-recent" / "raw" / "deep" / "part").exists()
+    shutil.rmtree(tmp / "upload-recent")
+
+    server = start_api_server(DEALREC_STALE_UPLOAD_S=str(STALE_S))
+    files = tiny_dataset(n_users=400, seed=43)
+    # An upload that takes longer than STALE_S but writes every second is kept, and succeeds.
+    before = _uploads(tmp)
+    slow = _SlowUpload(server.url, files)
+    piece = len(slow.body) // (2 * STALE_S)
+    for _ in range(int(1.5 * STALE_S)):
+        slow.send(piece)
+        time.sleep(1.0)
+    assert _uploads(tmp) - before, "the live upload's folder was removed"
+    status, body = slow.finish()
+    assert status == 202, body
+
+    # One that stalls for longer is removed; its client then gets a 408, not a 500.
+    before = _uploads(tmp)
+    stalled = _SlowUpload(server.url, files)
+    stalled.send(len(stalled.body) // 2)
+    folder = wait_for(lambda: {"new": _uploads(tmp) - before}, lambda r: r["new"], timeout=30)["new"]
+    wait_for(lambda: {"left": folder & _uploads(tmp)}, lambda r: not r["left"], timeout=60, interval=0.2)
+    status, body = stalled.finish()
+    assert status == 408 and body["error"]["code"] == "upload_timeout", body
