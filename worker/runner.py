@@ -117,7 +117,8 @@ class JobRunner:
                queue: str) -> Outcome:
         first = job.status == "queued"
         continuation = not first and job.handoff in (queue, SHARDS)
-        fields: dict = {"worker": self.host, "handoff": None, "queue": queue}
+        # `blocked` may be left by a worker that died while loading the LLM.
+        fields: dict = {"worker": self.host, "handoff": None, "queue": queue, "blocked": None}
         if first:
             fields.update(started_at=_now(), attempts=1)
         elif not continuation:

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -204,3 +205,55 @@ def test_stale_partial_uploads_are_swept_and_live_ones_kept(sweeper, start_api_s
     wait_for(lambda: {"left": folder & _uploads(tmp)}, lambda r: not r["left"], timeout=60, interval=0.2)
     status, body = stalled.finish()
     assert status == 408 and body["error"]["code"] == "upload_timeout", body
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cancel while the LLM loads
+
+FINETUNE = {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 1, "evaluate": None}
+
+
+@pytest.fixture
+def gated_worker(service_env, worker, store, tmp_path):
+    """The test's own worker, whose LLM loads wait for the test (gated_worker.py), instead of the
+    session's one (started again afterwards)."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    worker.stop()
+    w = WorkerProcess({**service_env, "DEALREC_TEST_LOAD_GATE": str(gate)}, tmp_path, store,
+                      launcher=[sys.executable, str(Path(__file__).with_name("gated_worker.py"))])
+    w.n = 30  # its own log file
+    try:
+        w.start()
+        yield gate
+    finally:
+        (gate / "release").touch()
+        w.stop()
+        worker.start()
+
+
+def test_cancel_while_the_llm_loads_does_not_wait_for_it(api, gated_worker, settings):
+    gate = gated_worker
+    d = upload(api, tiny_dataset(seed=44))
+    job = _prune(api, d["id"], budget=10, method="random", seed=8, params={"effort": {"llm": "tiny"}},
+                 finetune=FINETUNE)
+    wait_for(lambda: {"loading": (gate / "loading").exists()}, lambda r: r["loading"], timeout=180)
+    assert api("GET", f"/v1/jobs/{job['id']}").json()["stage"] == "finetune"
+
+    # The load is still held: the answer cannot have waited for it.
+    t0 = time.monotonic()
+    r = api("POST", f"/v1/jobs/{job['id']}/cancel")
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 202 and r.json()["status"] == "cancelled", r.text
+    assert r.json()["error"]["code"] == "cancelled" and elapsed < 1.0, (elapsed, r.text)
+    assert not (settings.data_dir / "jobs" / job["id"]).exists()
+
+    # The load ends; the worker finds the job cancelled, stops before training, takes the next job.
+    (gate / "release").touch()
+    nxt = wait_job(api, _prune(api, d["id"], budget=3, method="random", seed=9)["id"], timeout=120)
+    assert nxt["status"] == "succeeded", nxt
+    done = api("GET", f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled", done
+    messages = _messages(api, job["id"])
+    assert messages[-1] == "job cancelled" and messages.count("job cancelled") == 1, messages
+    assert not (settings.data_dir / "jobs" / job["id"]).exists()

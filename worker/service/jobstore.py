@@ -236,10 +236,12 @@ class JobStore:
                                  args=[json.dumps(list(allowed)), "", json.dumps(_encode(fields)), 0, "", "0"])
         return res == "ok"
 
-    def transition(self, job_id: str, new: str, *, only_from: Iterable[str] | None = None, **fields: Any) -> str:
+    def transition(self, job_id: str, new: str, *, only_from: Iterable[str] | None = None, require: str = "",
+                   **fields: Any) -> str:
         """Checked status change (see models.TRANSITIONS, narrowed by `only_from`); returns the
         previous status. Raises StoreError('invalid_transition') when not allowed, ('not_found')
-        when the job is gone. A job reaching a terminal status starts its expiry clock and frees its dataset."""
+        when the job is gone. A job reaching a terminal status starts its expiry clock and frees its dataset.
+        `require`: a field of the job that must be set (not null), checked in the same script."""
         allowed = [s for s, targets in TRANSITIONS.items() if new in targets]
         if only_from is not None:
             allowed = [s for s in allowed if s in set(only_from)]
@@ -253,7 +255,7 @@ class JobStore:
             keys=[self._job(job_id), self._metrics("jobs"),
                   self._dataset_jobs(dataset_id) if dataset_id else self.key("none"), self._events(job_id)],
             args=[json.dumps(allowed), new, json.dumps(_encode(fields)), self.job_ttl_s if terminal else 0,
-                  job_id if terminal else "", "1"])
+                  job_id if terminal else "", "1", require])
         if res == "missing":
             raise StoreError("not_found", f"job {job_id} not found")
         if res == "refused":
@@ -295,6 +297,17 @@ class JobStore:
             return True
         finally:
             lock.release()
+
+    def cancel_if_blocked(self, job_id: str) -> bool:
+        """Cancel at once a running job whose worker is inside a stretch that cannot look at the
+        cancel flag (JobRecord.blocked: loading the LLM), checked and changed in one script. The
+        worker, when the stretch ends, reads the flag, finds the job cancelled and stops there."""
+        try:
+            self.transition(job_id, "cancelled", only_from=["running"], require="blocked", stage=None, handoff=None,
+                            blocked=None, error={"code": "cancelled", "message": "cancelled by request"})
+        except StoreError:
+            return False
+        return True
 
     def cancel_requested(self, job_id: str) -> bool:
         return json.loads(self.r.hget(self._job(job_id), "cancel_requested") or "false") is True
