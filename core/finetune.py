@@ -38,6 +38,7 @@ import torch
 from core.config import FinetuneConfig
 from core.data.dataset import RecDataset
 from core.effort.prompts import PromptTemplate, Split, format_prompt, make_record, tokenize_samples
+from core.progress import uninterruptible
 from core.surrogate.train import Cancelled
 
 log = logging.getLogger(__name__)
@@ -437,8 +438,9 @@ def run_finetune(ds: RecDataset, users: Sequence[int], cfg: FinetuneConfig, out_
     if progress:
         progress(0.0, "loading the LLM")
     t0 = time.perf_counter()
-    model, tokenizer = load_base_model(source, cache_dir)
-    model = attach_trainable_lora(model, cfg).to(dev)
+    with uninterruptible(cancel, FinetuneCancelled, "loading the LLM"):
+        model, tokenizer = load_base_model(source, cache_dir)
+        model = attach_trainable_lora(model, cfg).to(dev)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = encode_users(ds, users, tokenizer, cfg.cutoff_len, template=template, split="train",
                          train_on_inputs=cfg.train_on_inputs)

@@ -3,15 +3,18 @@ gradients, solve, scores; evaluation: load, items, generate, ground) and for the
 run or job (`STAGE_WEIGHTS`).
 
 Core reports progress through callbacks, never prints: the CLI draws a bar per stage, the worker
-writes a stage and a fraction to the job store.
+writes a stage and a fraction to the job store. Cancellation is a callback too (`CancelFn`, polled
+between batches); `uninterruptible` marks what cannot poll it (loading an LLM).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 
 ProgressFn = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
 FractionFn = Callable[[float, str], None]  # (fraction, message)
+CancelFn = Callable[[], bool]  # True: stop at the next batch
 
 # Rough share of a CPU DEALRec run's time per stage (fine-tuning and evaluation, optional, outweigh
 # the whole selection on a CPU), so that one fraction can describe a job.
@@ -53,3 +56,19 @@ class Phases:
 def stage_phases(stages: Sequence[str], weights: Mapping[str, float] = STAGE_WEIGHTS) -> Phases:
     """The stages of one run or job as phases weighted by `STAGE_WEIGHTS`."""
     return Phases({s: weights.get(s, DEFAULT_WEIGHT) for s in stages})
+
+
+@contextmanager
+def uninterruptible(cancel: CancelFn | None, cancelled: type[Exception], what: str) -> Iterator[None]:
+    """A stretch of work that cannot poll `cancel` (loading an LLM: seconds, or minutes for a large
+    one). `cancel` is checked right before it and right after it (raising `cancelled`), so that a
+    cancel which arrived meanwhile stops the run before its first batch; and a cancel callback that
+    offers `blocking(what)`, a context manager (the service's, worker/progress.py), is told that the
+    stretch runs, so that a cancel arriving meanwhile need not wait for it."""
+    if cancel is not None and cancel():
+        raise cancelled(f"cancelled before {what}")
+    blocking = getattr(cancel, "blocking", None)
+    with blocking(what) if blocking is not None else nullcontext():
+        yield
+    if cancel is not None and cancel():
+        raise cancelled(f"cancelled while {what}")

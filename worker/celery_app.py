@@ -3,7 +3,13 @@
 Delivery is at-least-once on purpose: a message is acknowledged only after its task returns
 (`acks_late`) and is requeued if the worker dies, so a killed worker's job runs again elsewhere.
 The job lock in the store (renewed by the running worker) keeps a redelivered message from
-starting a second copy of a job that is still running."""
+starting a second copy of a job that is still running.
+
+Celery's result backend holds no job state and nothing reads it: every task but the effort shard
+ignores its result, errors included (an exception's message, possibly echoing a huge input, never
+reaches Redis), and tasks are sent with `ignore_result=True` (`send`), so that the sender does not
+subscribe to a result channel it never reads. The shards of a chord keep theirs (the chord counts
+them); their task never raises anything but a short error (worker/tasks.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +23,11 @@ TASK_VALIDATE = "worker.tasks.validate_dataset"
 TASK_RUN = "worker.tasks.run_job"  # args: job id, queue; sent to that queue
 TASK_SWEEP = "worker.tasks.sweep_storage"
 TASK_EFFORT_SHARD = "worker.tasks.effort_shard"  # args: job id, shard index; sent to the LLM queue
+
+
+def send(app: Celery, name: str, args: list, queue: str) -> None:
+    """Send a task whose result nobody waits for (every task of the service is one)."""
+    app.send_task(name, args=args, queue=queue, ignore_result=True)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -52,6 +63,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_track_started=False,  # job state lives in the store, not in Celery's backend
+        # Nothing reads Celery's results: they are not stored, an exception's message included (the
+        # effort shards, a chord's header, override this for themselves).
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        result_extended=False,  # a stored result (a shard's) never carries the task's arguments
         enable_utc=True,
     )
     return app

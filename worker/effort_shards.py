@@ -26,6 +26,7 @@ from core.effort.score import EffortCancelled
 from core.progress import stage_phases
 from core.stages.effort import effort_pool, fill_pool
 from core.surrogate.train import Cancelled
+from worker.deliveries import PARKED_CODE, PARKED_JOB, Delivery
 from worker.progress import CancelCheck
 from worker.runner import describe, relative_error
 from worker.service.files import Files
@@ -50,6 +51,14 @@ def run_effort_shard(store: JobStore, files: Files, settings: Settings, job_id: 
     plan = store.shard_plan(job_id)
     if plan is None or index >= len(plan["plan"]):
         return "no-shard"  # the job merged this round already (a late redelivery)
+    with Delivery(store, f"shard:{job_id}:{job.effort_rounds}:{index}") as delivery:
+        if delivery.parked:
+            return _fail(store, job_id, PARKED_CODE, PARKED_JOB, shard=index)
+        return _run_shard(store, files, settings, job, plan, index)
+
+
+def _run_shard(store: JobStore, files: Files, settings: Settings, job, plan: dict, index: int) -> str:
+    job_id = job.id
     users, shard_tokens = plan["plan"][index], plan["tokens"][index]
     cancel = CancelCheck(store, job_id, threading.Event(), time.monotonic() + settings.task_time_limit_s)
     if cancel():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 
@@ -79,7 +81,8 @@ class JobReporter:
 
 class CancelCheck:
     """core's CancelFn: True when the client cancelled, the worker lost the job's lock, or the job
-    ran past its time limit. `reason` says which."""
+    ran past its time limit. `reason` says which. `blocking` is what core calls around a stretch
+    that cannot poll it (core.progress.uninterruptible: loading the LLM)."""
 
     def __init__(self, store: JobStore, job_id: str, lost: threading.Event, deadline: float,
                  poll_s: float = 0.25) -> None:
@@ -106,3 +109,22 @@ class CancelCheck:
             except redis.RedisError as exc:  # cannot see the flag now; look again next batch
                 log.warning("job %s: cancel flag unreadable (%s)", self.job_id, exc)
         return self.reason is not None
+
+    @contextmanager
+    def blocking(self, what: str) -> Iterator[None]:
+        """core runs something that cannot look at the cancel flag until it ends (`what`: "loading the
+        LLM"). The job says so in the store (`blocked`) meanwhile, so that a cancel arriving now ends
+        the job at once (JobStore.cancel_if_blocked, called by the API) instead of waiting for the
+        load; afterwards the flag is read again at once, and core stops before its first batch."""
+        self._mark(what)
+        try:
+            yield
+        finally:
+            self._next_poll = 0.0
+            self._mark(None)
+
+    def _mark(self, what: str | None) -> None:
+        try:
+            self.store.update_job(self.job_id, allowed=["running"], blocked=what)
+        except redis.RedisError as exc:  # a cancel then waits for the load, as it did before
+            log.warning("job %s: could not record %r (%s)", self.job_id, what, exc)

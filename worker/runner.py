@@ -35,6 +35,7 @@ from core.instrument import StageRecord, StageTimer
 from core.stages.base import ArtifactMissing, RunConfig, StageContext
 from core.stages.run import run_stage, skipped
 from core.surrogate.train import Cancelled
+from worker.deliveries import PARKED_CODE, PARKED_JOB, Delivery
 from worker.progress import CancelCheck, JobReporter
 from worker.service.files import Files
 from worker.service.jobstore import JobLock, JobStore, StoreError
@@ -103,9 +104,21 @@ class JobRunner:
             self.store.update_job(self.job_id, allowed=["queued", "running"], handoff=owner, queue=owner)
             return Outcome(job.status, owner)
 
+        # Counted per job and first stage to run: a segment whose worker died twice at the same
+        # stage is not run a third time (a stage finished meanwhile starts a new count). `load` is
+        # recorded at the start of the first task, so it does not count as progress.
+        stage = next((s for s in segment if s != "load"), segment[0])
+        with Delivery(self.store, f"job:{self.job_id}:{stage}") as delivery:
+            if delivery.parked:
+                return self.fail(PARKED_CODE, PARKED_JOB, stage=stage)
+            return self._start(job, req, stages, segment, queue)
+
+    def _start(self, job: JobRecord, req: PruneRequest, stages: list[str], segment: list[str],
+               queue: str) -> Outcome:
         first = job.status == "queued"
         continuation = not first and job.handoff in (queue, SHARDS)
-        fields: dict = {"worker": self.host, "handoff": None, "queue": queue}
+        # `blocked` may be left by a worker that died while loading the LLM.
+        fields: dict = {"worker": self.host, "handoff": None, "queue": queue, "blocked": None}
         if first:
             fields.update(started_at=_now(), attempts=1)
         elif not continuation:

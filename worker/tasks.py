@@ -17,7 +17,8 @@ from functools import lru_cache
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from worker.celery_app import TASK_EFFORT_SHARD, TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app
+from core.data.errors import clip
+from worker.celery_app import TASK_EFFORT_SHARD, TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app, send
 from worker.service.files import Files
 from worker.service.jobstore import JobStore
 from worker.service.settings import get_settings
@@ -79,7 +80,7 @@ def run_job(self, job_id: str, queue: str) -> str:
         log.info("job %s: effort in %d shard tasks on the %s queue", job_id, outcome.shards, outcome.shard_queue)
     if outcome.next_queue:
         try:
-            app.send_task(TASK_RUN, args=[job_id, outcome.next_queue], queue=outcome.next_queue)
+            send(app, TASK_RUN, [job_id, outcome.next_queue], outcome.next_queue)
         except Exception as exc:  # noqa: BLE001 - broker down: this message stays unacked and comes back
             log.warning("job %s: could not hand over to %s (%s); retrying", job_id, outcome.next_queue, exc)
             raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
@@ -93,27 +94,41 @@ def send_shards(job_id: str, n: int, queue: str) -> None:
     from celery import chord
 
     header = [app.signature(TASK_EFFORT_SHARD, args=[job_id, i], queue=queue, immutable=True) for i in range(n)]
-    chord(header)(app.signature(TASK_RUN, args=[job_id, queue], queue=queue, immutable=True))
+    chord(header)(app.signature(TASK_RUN, args=[job_id, queue], queue=queue, immutable=True, ignore_result=True))
 
 
-@app.task(name=TASK_EFFORT_SHARD, bind=True, acks_late=True, max_retries=None)
+class TaskError(Exception):
+    """Raised by a task whose result Celery stores (an effort shard) in place of an unexpected
+    error: the original's message may echo any input, this one is clipped."""
+
+
+def _short(exc: BaseException) -> TaskError:
+    return TaskError(clip(f"{type(exc).__name__}: {clip(str(exc))}"))
+
+
+# ignore_result=False: a chord counts its header's results (the app's default ignores them).
+@app.task(name=TASK_EFFORT_SHARD, bind=True, acks_late=True, max_retries=None, ignore_result=False)
 def effort_shard(self, job_id: str, index: int) -> str:
-    """One shard of a job's effort stage (worker/effort_shards.py)."""
+    """One shard of a job's effort stage (worker/effort_shards.py). Celery stores what it returns or
+    raises: a short status, a retry with a short error, or a TaskError, never a long message."""
     from worker.effort_shards import run_effort_shard
 
-    settings = get_settings()
-    store, files = _context()
     try:
+        settings = get_settings()
+        store, files = _context()
         return run_effort_shard(store, files, settings, job_id, index)
     except redis.RedisError as exc:
         log.warning("job %s shard %d: job store unavailable (%s); retrying", job_id, index, exc)
-        raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
+        raise self.retry(countdown=get_settings().lock_ttl_s, exc=_short(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - run_effort_shard catches the rest; this is the last guard
+        log.exception("job %s shard %d crashed", job_id, index)
+        raise _short(exc) from None
 
 
 @app.task(name=TASK_SWEEP)
 def sweep_storage() -> int:
     store, files = _context()
-    return files.sweep(store.job_exists, store.dataset_exists)
+    return files.sweep(store.job_exists, store.dataset_exists, get_settings().stale_upload_s)
 
 
 def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
@@ -134,7 +149,7 @@ def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
         if queue is None:
             continue
         try:
-            app.send_task(TASK_RUN, args=[job.id, queue], queue=queue)
+            send(app, TASK_RUN, [job.id, queue], queue)
         except Exception as exc:  # noqa: BLE001 - broker away: the next period tries again
             log.warning("job %s: stalled, could not requeue (%s)", job.id, exc)
             continue
@@ -148,7 +163,9 @@ def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
 
 class _Heartbeat:
     """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
-    cannot answer Celery's control.ping, yet it is there."""
+    cannot answer Celery's control.ping, yet it is there. The same thread looks for stalled jobs
+    (one worker per period) and removes stale temporary folders (every worker, cheap: a partial
+    upload an API left when it died goes within minutes, not at the next worker start)."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -161,8 +178,9 @@ class _Heartbeat:
 
     def _run(self) -> None:
         settings = get_settings()
-        store, _ = _context()
+        store, files = _context()
         next_reap = time.monotonic() + settings.lock_ttl_s
+        next_sweep = time.monotonic() + settings.tmp_sweep_period_s  # the worker swept at start
         while True:
             try:
                 store.worker_alive(self.name, settings.worker_heartbeat_s * 3)
@@ -171,6 +189,12 @@ class _Heartbeat:
                     requeue_stalled_jobs(store, settings, self.name)
             except redis.RedisError as exc:
                 log.warning("heartbeat not written: %s", exc)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + settings.tmp_sweep_period_s
+                try:
+                    files.sweep_tmp(settings.stale_upload_s)
+                except OSError as exc:
+                    log.warning("temporary folders not swept: %s", exc)
             if self.stop.wait(settings.worker_heartbeat_s):
                 break
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from core.data import DataError, detect_format, load_dataset
+from worker.deliveries import PARKED_CODE, PARKED_DATASET, Delivery
 from worker.runner import describe, relative_error
 from worker.service.files import Files
 from worker.service.jobstore import JobStore
@@ -20,6 +21,13 @@ def validate_dataset(store: JobStore, files: Files, dataset_id: str) -> str:
     rec = store.get_dataset(dataset_id)
     if rec is None or rec.status != "validating":
         return rec.status if rec else "missing"
+    with Delivery(store, f"dataset:{dataset_id}:validate") as delivery:
+        if delivery.parked:
+            return _finish(store, dataset_id, "invalid", errors=[{"code": PARKED_CODE, "message": PARKED_DATASET}])
+        return _validate(store, files, dataset_id)
+
+
+def _validate(store: JobStore, files: Files, dataset_id: str) -> str:
     folder = files.dataset_files(dataset_id)
     try:
         fmt = detect_format(folder)

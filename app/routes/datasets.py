@@ -18,7 +18,7 @@ from app.filenames import is_archive
 from app.uploads import receive_files
 from core.data.errors import DataError
 from core.data.precheck import precheck
-from worker.celery_app import TASK_VALIDATE
+from worker.celery_app import TASK_VALIDATE, send
 from worker.service.jobstore import new_id
 from worker.service.records import DatasetRecord, FileInfo
 from worker.service.responses import DatasetList, DatasetOut
@@ -39,6 +39,7 @@ _UPLOAD_DOC = {
              responses={400: {"description": "a file that is not UTF-8 text, lacks a required column, or whose "
                                              "layout is not recognised (error: file, line, field, message); an "
                                              "empty file; an unsafe archive"},
+                        408: {"description": "the upload stalled for longer than the server keeps partial uploads"},
                         413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
 async def upload_dataset(request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the dataset")
@@ -54,6 +55,10 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
         rec = DatasetRecord(id=new_id("ds"), tenant=tenant, name=name, files=files)
         await run_in_threadpool(_register, ctx, rec, tmp / "files")
         return DatasetOut.of(rec)
+    except FileNotFoundError:
+        if tmp.exists():  # not the sweep: a server error
+            raise
+        raise _swept(ctx) from None
     finally:
         await run_in_threadpool(ctx.files.remove, tmp)
 
@@ -62,6 +67,7 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
              openapi_extra=_UPLOAD_DOC,
              responses={400: {"description": "an addition that cannot be appended or whose result fails the checks"},
                         404: {"description": "no such dataset"}, 409: {"description": "the dataset is not ready"},
+                        408: {"description": "the upload stalled for longer than the server keeps partial uploads"},
                         413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
 async def extend_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the new version")
@@ -94,8 +100,20 @@ async def extend_dataset(dataset_id: str, request: Request, tenant: str = Depend
                             parent_id=dataset_id)
         await run_in_threadpool(_register, ctx, rec, tmp / "files")
         return DatasetOut.of(rec)
+    except FileNotFoundError:
+        if tmp.exists():  # not the sweep: a server error
+            raise
+        raise _swept(ctx) from None
     finally:
         await run_in_threadpool(ctx.files.remove, tmp)
+
+
+def _swept(ctx: ServiceContext) -> ApiError:
+    """An upload whose partial files the workers' sweep removed: nothing was written to them for
+    DEALREC_STALE_UPLOAD_S (a stalled client)."""
+    limit = ctx.settings.stale_upload_s
+    return ApiError(408, "upload_timeout", f"the upload stalled for more than {limit} s and its partial files "
+                    "were removed; send it again", limit=limit)
 
 
 async def _receive(request: Request, ctx: ServiceContext, tmp: Path, dest: Path) -> list[FileInfo]:
@@ -135,7 +153,7 @@ def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
         final = ctx.files.dataset_files(rec.id)
         final.parent.mkdir(parents=True, exist_ok=True)
         ctx.files.publish(files_dir, final)
-        ctx.celery.send_task(TASK_VALIDATE, args=[rec.id], queue="cpu")
+        send(ctx.celery, TASK_VALIDATE, [rec.id], "cpu")
     except Exception:
         ctx.store.delete_dataset(rec.tenant, rec.id)
         ctx.files.remove(ctx.files.dataset_dir(rec.id))

@@ -75,8 +75,9 @@ def job_events(job_id: str, request: Request, tenant: str = Depends(require_tena
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut,
              responses={409: {"description": "the job has already finished"}})
 def cancel_job(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
-    """A queued job, or a running one waiting in a queue between two of its tasks, is cancelled at
-    once; one that a worker runs stops within one batch of its stage."""
+    """A queued job, a running one waiting in a queue between two of its tasks, or one whose worker
+    is loading the LLM, is cancelled at once; one that a worker runs stops within one batch of its
+    stage."""
     ctx = get_ctx(request)
     job = _job(ctx, job_id, tenant)
     if job.status in TERMINAL:
@@ -85,8 +86,10 @@ def cancel_job(job_id: str, request: Request, tenant: str = Depends(require_tena
     ctx.store.add_event(job_id, "cancel requested", level="warning", status_before=job.status)
     try:
         before = ctx.store.request_cancel(job_id)
-        if before == "running" and ctx.store.cancel_if_waiting(job_id, ctx.settings.lock_ttl_s):
-            # Between two tasks: nothing runs it, so it ends now, with its partial outputs.
+        if before == "running" and (ctx.store.cancel_if_waiting(job_id, ctx.settings.lock_ttl_s)
+                                    or ctx.store.cancel_if_blocked(job_id)):
+            # Between two tasks (nothing runs it), or its worker is loading the LLM (and stops when
+            # the load ends): it ends now, with its partial outputs.
             ctx.files.remove(ctx.files.job_dir(job_id))
             ctx.store.add_event(job_id, "job cancelled", level="warning")
     except StoreError as exc:

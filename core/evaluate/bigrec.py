@@ -40,6 +40,7 @@ from core.effort.prompts import (
     tokenize_samples,
 )
 from core.evaluate.generate import generate_batched, mean_nll
+from core.progress import uninterruptible
 from core.surrogate.metrics import recall_ndcg_at_k
 from core.surrogate.train import Cancelled
 
@@ -295,15 +296,16 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
         raise LLMError(f"adapter folder '{cfg.adapter}' has no adapter_config.json")
     dev = resolve_device(cfg.device)
     _report(progress, "load", 0.0, "loading the LLM")
-    model, tokenizer = load_base_model(source, cache_dir)
-    if cfg.adapter:
-        import warnings
+    with uninterruptible(cancel, EvaluationCancelled, "loading the LLM"):
+        model, tokenizer = load_base_model(source, cache_dir)
+        if cfg.adapter:
+            import warnings
 
-        from peft import PeftModel
+            from peft import PeftModel
 
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=False)
-    model = model.to(dev).eval()
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=False)
+        model = model.to(dev).eval()
     _report(progress, "load", 1.0, "")
     load_seconds = time.perf_counter() - t0
 

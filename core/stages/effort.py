@@ -20,6 +20,7 @@ from core.cache import cache_key, default_cache_dir, load_arrays, save_arrays
 from core.config import EffortConfig, key_dump
 from core.data.dataset import RecDataset
 from core.effort.prompts import PromptTemplate
+from core.progress import uninterruptible
 from core.stages.base import RunConfig, StageContext, StageOutput
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,14 @@ def score_samples(cfg: EffortConfig, source, cache_dir: Path, settings, samples,
     processes, threads = cpu_processes(cfg, dev, len(samples))
     if processes > 1:
         from core.effort.llm import ensure_llm_cached
+        from core.effort.score import EffortCancelled
 
-        ensure_llm_cached(source, cache_dir)
+        with uninterruptible(cancel, EffortCancelled, "de-quantising the LLM"):
+            ensure_llm_cached(source, cache_dir)
         where = None if store is None else (store.folder.parent.parent, store.folder.name, keys)
         return score_in_processes(cfg, cache_dir, settings, samples, eos_id, processes, threads, progress=progress,
                                   cancel=cancel, store=where), processes
-    scorer = _scorer(cfg, source, cache_dir, dev, settings, eos_id, model_cache)
+    scorer = _scorer(cfg, source, cache_dir, dev, settings, eos_id, model_cache, cancel)
     sink = BufferedInsert(store, keys) if store is not None else None
     try:
         return scorer.score(samples, progress=progress, cancel=cancel, sink=sink), 1
@@ -211,23 +214,24 @@ def score_samples(cfg: EffortConfig, source, cache_dir: Path, settings, samples,
 
 
 def _scorer(cfg: EffortConfig, source, cache_dir: Path, dev: torch.device, settings, eos_id: int,
-            model_cache: dict | None):
+            model_cache: dict | None, cancel=None):
     """An EffortScorer over the LLM with its effort LoRA, kept in `model_cache` when given (one at a
     time: a worker's memory holds one LLM). The scorer, not just the model, is what is kept: in bf16
     it casts the frozen layers of its model once."""
     from core.effort.llm import attach_lora, load_base_model
-    from core.effort.score import EffortScorer, find_target
+    from core.effort.score import EffortCancelled, EffortScorer, find_target
 
     key = (source.key(), str(dev), settings, eos_id,
            cache_key("effort-model", cfg=key_dump(cfg, exclude={"device", "processes", "max_batch_tokens"})))
     if model_cache is not None and key in model_cache:
         return model_cache[key]
-    model, _ = load_base_model(source, cache_dir)
-    model = attach_lora(model, cfg).to(dev)
-    scorer = EffortScorer(model, find_target(model, cfg.target_module, cfg.target_layer), settings, dev, eos_id)
-    if model_cache is not None:
-        model_cache.clear()
-        model_cache[key] = scorer
+    with uninterruptible(cancel, EffortCancelled, "loading the LLM"):
+        model, _ = load_base_model(source, cache_dir)
+        model = attach_lora(model, cfg).to(dev)
+        scorer = EffortScorer(model, find_target(model, cfg.target_module, cfg.target_layer), settings, dev, eos_id)
+        if model_cache is not None:  # kept even if a cancel came meanwhile: the next shard needs it
+            model_cache.clear()
+            model_cache[key] = scorer
     return scorer
 
 

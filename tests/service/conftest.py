@@ -85,11 +85,14 @@ def store(settings) -> JobStore:
 
 
 class WorkerProcess:
-    """`celery -A worker.celery_app worker --pool solo -Q cpu,gpu` as a child process."""
+    """`celery -A worker.celery_app worker --pool solo -Q cpu,gpu` as a child process (`launcher`: the
+    command before `-A`, default `python -m celery`)."""
 
     name = "worker"
 
-    def __init__(self, env: dict[str, str], log_dir: Path, store: JobStore) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, store: JobStore, launcher: list[str] | None = None
+                 ) -> None:
+        self.launcher = launcher or [sys.executable, "-m", "celery"]
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         self.log_dir = log_dir
         self.store = store
@@ -102,7 +105,7 @@ class WorkerProcess:
         self.log = self.log_dir / f"worker-{self.n}.log"
         with open(self.log, "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q",
+                [*self.launcher, "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q",
                  "cpu,gpu", "--loglevel", "INFO", "--hostname", f"test{self.n}-{uuid.uuid4().hex[:6]}@%h",
                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)

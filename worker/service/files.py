@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from worker.service.jobstore import is_valid_id
@@ -70,11 +71,9 @@ class Files:
     def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    def sweep(self, job_exists, dataset_exists, tmp_max_age_s: float = 24 * 3600) -> int:
+    def sweep(self, job_exists, dataset_exists, tmp_max_age_s: float = 15 * 60) -> int:
         """Remove job folders whose records expired, dataset folders whose records are gone, and stale
-        temporary folders. Returns how many folders went."""
-        import time
-
+        temporary folders (`sweep_tmp`). Returns how many folders went."""
         removed = 0
         for kind, sub, exists in (("job", "jobs", job_exists), ("ds", "datasets", dataset_exists)):
             folder = self.root / sub
@@ -84,16 +83,44 @@ class Files:
                 if is_valid_id(kind, entry.name) and not exists(entry.name):
                     self.remove(entry)
                     removed += 1
-        tmp = self.root / "tmp"
-        if tmp.is_dir():
-            cutoff = time.time() - tmp_max_age_s
-            for entry in tmp.iterdir():
-                try:
-                    if entry.stat().st_mtime < cutoff:
-                        self.remove(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
-                        removed += 1
-                except OSError:
-                    continue
+        removed += self.sweep_tmp(tmp_max_age_s)
         if removed:
             log.info("storage sweep removed %d folders", removed)
         return removed
+
+    def sweep_tmp(self, max_age_s: float) -> int:
+        """Remove what lies in `tmp/` (partial uploads of an API that died, outputs of a job whose
+        worker died) once nothing in it changed for `max_age_s`: the newest modification time
+        anywhere inside counts, so an upload whose file still grows is kept however long it takes."""
+        tmp = self.root / "tmp"
+        if not tmp.is_dir():
+            return 0
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for entry in tmp.iterdir():
+            try:
+                if _changed_since(entry, cutoff):
+                    continue
+                self.remove(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+                removed += 1
+                log.info("removed the stale temporary %s", entry.name)
+            except OSError:  # gone meanwhile (its upload finished), or unreadable: the next sweep looks again
+                continue
+        return removed
+
+
+def _changed_since(path: Path, cutoff: float) -> bool:
+    """Whether `path` or anything below it (links not followed) was modified after `cutoff`."""
+    if path.lstat().st_mtime >= cutoff:
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    return True
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    return False

@@ -10,7 +10,7 @@ from typing import Any
 
 from core.params import ParamsError
 from core.selection.methods import required_scores
-from worker.celery_app import TASK_RUN
+from worker.celery_app import TASK_RUN, send
 from worker.service.jobstore import JobStore, new_id
 from worker.service.plan import first_queue
 from worker.service.records import JobRecord
@@ -78,7 +78,7 @@ def create_prune_job(store: JobStore, celery, settings: Settings, llms: dict[str
         # Before the task exists, so that it is the job's first event whatever the worker does.
         store.add_event(job.id, "job queued", queue=queue)
         try:
-            celery.send_task(TASK_RUN, args=[job.id, queue], queue=queue)
+            send(celery, TASK_RUN, [job.id, queue], queue)
         except Exception:
             # Never leave a job queued that no worker will ever see.
             store.transition(job.id, "failed", error={"code": "enqueue_failed",

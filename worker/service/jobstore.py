@@ -14,6 +14,8 @@ Layout (all under the configurable prefix, default `dealrec:`):
     metrics:stage_seconds    hash: stage -> summed seconds;  metrics:stage_count: stage -> runs
     worker:<hostname>        a worker's liveness key, renewed while it runs
     reaper                   held for one period by the worker that looks for stalled jobs
+    deliveries:<work>        runs of a piece of work started and not ended (worker/deliveries.py):
+                             <work> = job:<id>:<stage> | shard:<job id>:<round>:<index> | dataset:<id>:validate
 
 Celery's own broker/backend keys carry the same prefix (kombu's `global_keyprefix`), so one prefix
 owns everything. Every read-modify-write is one Lua script, so two processes never interleave.
@@ -234,10 +236,12 @@ class JobStore:
                                  args=[json.dumps(list(allowed)), "", json.dumps(_encode(fields)), 0, "", "0"])
         return res == "ok"
 
-    def transition(self, job_id: str, new: str, *, only_from: Iterable[str] | None = None, **fields: Any) -> str:
+    def transition(self, job_id: str, new: str, *, only_from: Iterable[str] | None = None, require: str = "",
+                   **fields: Any) -> str:
         """Checked status change (see models.TRANSITIONS, narrowed by `only_from`); returns the
         previous status. Raises StoreError('invalid_transition') when not allowed, ('not_found')
-        when the job is gone. A job reaching a terminal status starts its expiry clock and frees its dataset."""
+        when the job is gone. A job reaching a terminal status starts its expiry clock and frees its dataset.
+        `require`: a field of the job that must be set (not null), checked in the same script."""
         allowed = [s for s, targets in TRANSITIONS.items() if new in targets]
         if only_from is not None:
             allowed = [s for s in allowed if s in set(only_from)]
@@ -251,7 +255,7 @@ class JobStore:
             keys=[self._job(job_id), self._metrics("jobs"),
                   self._dataset_jobs(dataset_id) if dataset_id else self.key("none"), self._events(job_id)],
             args=[json.dumps(allowed), new, json.dumps(_encode(fields)), self.job_ttl_s if terminal else 0,
-                  job_id if terminal else "", "1"])
+                  job_id if terminal else "", "1", require])
         if res == "missing":
             raise StoreError("not_found", f"job {job_id} not found")
         if res == "refused":
@@ -293,6 +297,17 @@ class JobStore:
             return True
         finally:
             lock.release()
+
+    def cancel_if_blocked(self, job_id: str) -> bool:
+        """Cancel at once a running job whose worker is inside a stretch that cannot look at the
+        cancel flag (JobRecord.blocked: loading the LLM), checked and changed in one script. The
+        worker, when the stretch ends, reads the flag, finds the job cancelled and stops there."""
+        try:
+            self.transition(job_id, "cancelled", only_from=["running"], require="blocked", stage=None, handoff=None,
+                            blocked=None, error={"code": "cancelled", "message": "cancelled by request"})
+        except StoreError:
+            return False
+        return True
 
     def cancel_requested(self, job_id: str) -> bool:
         return json.loads(self.r.hget(self._job(job_id), "cancel_requested") or "false") is True
@@ -353,6 +368,19 @@ class JobStore:
 
     def drop_shards(self, job_id: str) -> None:
         self.r.delete(self._shards(job_id))
+
+    # ---- deliveries (worker/deliveries.py) ------------------------------------------------------
+    def begin_delivery(self, work: str) -> int:
+        """One more run of `work` started; returns the runs started and not ended, this one included."""
+        key = self.key("deliveries", work)
+        with self.r.pipeline() as p:
+            p.incr(key)
+            p.expire(key, self.job_ttl_s)
+            runs, _ = p.execute()
+        return int(runs)
+
+    def end_delivery(self, work: str) -> None:
+        self.r.delete(self.key("deliveries", work))
 
     # ---- locks and liveness -------------------------------------------------------------------
     def job_lock(self, job_id: str, ttl_s: float) -> JobLock:

@@ -5,7 +5,8 @@ processes never interleave (worker/service/jobstore.py registers and calls them)
 # new status ('' keeps it), ARGV[3] a JSON object of already JSON-encoded field values, ARGV[4] a
 # TTL in seconds applied to KEYS[1] and KEYS[4] when the new status is terminal ('0': none),
 # ARGV[5] a member removed from the set KEYS[3] then, ARGV[6] '1' to keep the job counters in
-# KEYS[2]. Returns {'ok'|'refused'|'missing', previous status}.
+# KEYS[2]. ARGV[7] (optional) names a field that must be set (not null), else it is refused.
+# Returns {'ok'|'refused'|'missing', previous status}.
 UPDATE_IF = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', ''} end
@@ -15,6 +16,10 @@ if #allowed > 0 then
   local ok = false
   for _, s in ipairs(allowed) do if s == curs then ok = true end end
   if not ok then return {'refused', curs} end
+end
+if ARGV[7] and ARGV[7] ~= '' then
+  local v = redis.call('HGET', KEYS[1], ARGV[7])
+  if (not v) or v == 'null' then return {'refused', curs} end
 end
 local fields = cjson.decode(ARGV[3])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end

@@ -95,6 +95,9 @@ class JobRecord(_Record):
     effort_rounds: int = 0  # times the effort stage was split into shard tasks (a round ends in a merge)
     worker: str | None = None  # host:pid of the worker that last ran it
     cancel_requested: bool = False
+    # What the worker running the job does that cannot stop until it ends ("loading the LLM"): a
+    # cancel meanwhile ends the job at once (JobStore.cancel_if_blocked).
+    blocked: str | None = None
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = None
 

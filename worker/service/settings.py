@@ -58,6 +58,9 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(1 << 30, ge=1)
     max_unpacked_bytes: int = Field(4 << 30, ge=1)
     max_archive_files: int = Field(1000, ge=1)
+    # A temporary folder (a partial upload, a job's outputs being written) in which nothing changed
+    # for this long is removed by the workers' periodic sweep.
+    stale_upload_s: int = Field(900, ge=1)
 
     # API
     api_keys: str = ""
@@ -98,6 +101,12 @@ class Settings(BaseModel):
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
         return int(max(self.task_time_limit_s, self.validate_time_limit_s) * 1.1) + 60
+
+    @property
+    def tmp_sweep_period_s(self) -> float:
+        """How often a worker looks for stale temporary folders: a tenth of their age limit, between
+        the heartbeat period and a minute."""
+        return min(60.0, max(self.worker_heartbeat_s, self.stale_upload_s / 10))
 
     def queue_of(self, stage: str) -> str:
         return self.llm_queue if stage in LLM_STAGES else "cpu"
