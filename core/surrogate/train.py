@@ -275,26 +275,21 @@ def _load_optimizer(opt: torch.optim.Optimizer, model: SASRec, state: dict[str, 
     """Load an earlier run's Adam state into `opt`. A grown item table gets zero moments for its new
     rows (they have had no updates yet); the learning rate stays this run's."""
     state = copy.deepcopy(state)
-    names = [name for name, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
     saved = state.get("state", {})
-    for index, name in enumerate(names):
-        entry = saved.get(index)
-        if entry is None:
-            continue
-        rows = params[name].shape[0]
+    # The optimiser's state is indexed by position in model.parameters(), named_parameters' order.
+    for index, (name, param) in enumerate(model.named_parameters()):
+        entry = saved.get(index, {})
         for moment in ("exp_avg", "exp_avg_sq"):
             value = entry.get(moment)
-            if value is None or value.shape == params[name].shape:
+            if value is None or value.shape == param.shape:
                 continue
-            grows = value.shape[1:] == params[name].shape[1:] and value.shape[0] <= rows
-            if name == "item_embeddings.weight" and grows:
-                grown = torch.zeros_like(params[name].detach())
-                grown[:value.shape[0]] = value
-                entry[moment] = grown
-            else:
+            grows = value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0]
+            if name != "item_embeddings.weight" or not grows:
                 raise ValueError(f"warm start: the saved Adam state of '{name}' is {tuple(value.shape)}, "
-                                 f"the weight {tuple(params[name].shape)}")
+                                 f"the weight {tuple(param.shape)}")
+            grown = torch.zeros_like(param.detach())
+            grown[:value.shape[0]] = value
+            entry[moment] = grown
     opt.load_state_dict(state)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -376,11 +371,18 @@ def save_checkpoint(model: SASRec, path: str | os.PathLike[str], extra: dict[str
         raise
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[SASRec, dict[str, Any]]:
-    """The model (eval mode, on `device`) and the `extra` dict saved with it."""
-    payload = torch.load(Path(path), map_location=device, weights_only=True)
+def _read_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                     mmap: bool = False) -> dict[str, Any]:
+    """The payload `save_checkpoint` wrote (`mmap`: tensors mapped, not read), or ValueError."""
+    payload = torch.load(Path(path), map_location=device, weights_only=True, mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a surrogate checkpoint ({CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[SASRec, dict[str, Any]]:
+    """The model (eval mode, on `device`) and the `extra` dict saved with it."""
+    payload = _read_checkpoint(path, device)
     cfg = SurrogateConfig(**payload["cfg"])
     model = SASRec(int(payload["n_items"]), cfg)
     model.load_state_dict(payload["state_dict"])
@@ -392,13 +394,10 @@ def load_warm_start(path: str | os.PathLike[str], device: torch.device | str = "
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(weights, Adam state or None) of a checkpoint to warm-start from; checkpoints written before
     the optimiser state was saved have none (a warm start from them uses a fresh Adam)."""
-    payload = torch.load(Path(path), map_location=device, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a surrogate checkpoint ({CHECKPOINT_FORMAT})")
+    payload = _read_checkpoint(path, device)
     return payload["state_dict"], payload.get("optimizer")
 
 
 def has_optimizer_state(path: str | os.PathLike[str]) -> bool:
     """Whether a checkpoint carries the Adam state (memory-mapped: the tensors are not read)."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    return isinstance(payload, dict) and payload.get("optimizer") is not None
+    return _read_checkpoint(path, mmap=True).get("optimizer") is not None
