@@ -182,3 +182,17 @@ def test_response_loss_by_hand(setup):
         B.requires_grad_(False)
     scorer = EffortScorer(model, target, EffortSettings(loss="response"), torch.device("cpu"), tok.eos_token_id)
     assert scorer.score([s])[0] == pytest.approx(float(grad.norm()), rel=1e-4)
+
+
+def test_caching_the_dequantised_llm_twice_leaves_no_temporary_copy(tmp_path):
+    """Two processes that load the GGUF at once both save; the second rename fails on the first's
+    folder, and its temporary copy (hundreds of MB for a real model) must not stay behind."""
+    from core.effort.llm import _save_atomically
+
+    tok = tiny_tokenizer()
+    target = tmp_path / "llm" / "key"
+    target.parent.mkdir()
+    for _ in range(2):
+        _save_atomically(tiny_llama(len(tok)), tok, target)
+    assert (target / "config.json").is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["key"]

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,12 @@ def _save_atomically(model, tokenizer, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
     except (OSError, ValueError) as exc:  # a cache miss next time is all this costs
-        log.warning("could not cache the de-quantised LLM at %s: %s", target, exc)
+        if target.is_dir():  # another process cached it first: theirs serves
+            log.info("the de-quantised LLM was cached meanwhile by another process at %s", target)
+        else:
+            log.warning("could not cache the de-quantised LLM at %s: %s", target, exc)
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when the rename did not happen (517 MB for SmolLM2)
         if quant is not None:
             model.config.quantization_config = quant
         model.hf_quantizer = quantizer
