@@ -147,8 +147,11 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
             adapter, meta = (legacy, m) if (m := read_meta(legacy)) is not None else (adapter, None)
         if meta is None:
             ctx.status(f"{cell.label()} finetune: loading")
+            # An interrupted fine-tune resumes from its checkpoint beside the adapter (commit it to carry
+            # a cell across machines).
             meta = run_finetune(ctx.ds, selected, finetune_config(args, cell.seed), adapter, cache_dir=ctx.cache_dir,
-                                progress=lambda f, m="": ctx.status(f"{cell.label()} finetune {100 * f:.0f}%: {m}"))
+                                progress=lambda f, m="": ctx.status(f"{cell.label()} finetune {100 * f:.0f}%: {m}"),
+                                checkpoint=adapter.with_name(f"{adapter.name}.resume.pt"))
         else:
             log.info("%s: adapter from %s", cell.label(), adapter)
         finetune = {k: meta[k] for k in ("train_samples", "valid_samples", "mean_train_tokens", "epochs_run",

@@ -38,6 +38,7 @@ import torch
 from core.config import FinetuneConfig
 from core.data.dataset import RecDataset
 from core.effort.prompts import PromptTemplate, Split, format_prompt, make_record, tokenize_samples
+from core.finetune_checkpoint import DEFAULT_EVERY_S, LoopState, load_checkpoint, save_checkpoint, training_fingerprint
 from core.progress import uninterruptible
 from core.surrogate.train import Cancelled
 
@@ -248,7 +249,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSample], cfg: FinetuneConfig, *,
                pad_id: int, device: torch.device | str = "cpu", autocast: Callable = nullcontext,
-               progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> FinetuneResult:
+               progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+               checkpoint: Path | None = None, checkpoint_every_s: float = DEFAULT_EVERY_S) -> FinetuneResult:
     """Train the parameters of `model` that require grad (its LoRA weights) on `train`, and restore
     the state with the lowest validation loss at the end.
 
@@ -256,7 +258,11 @@ def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSam
     token-mean over that batch, accumulated over micro-batches. Validation (token-mean loss over
     `valid`) every `cfg.eval_every` epochs and after the last; stop after `cfg.patience` evaluations
     without a strictly lower loss. Without validation samples, every epoch runs and the last state is
-    kept. Reseeds torch's global RNG (dropout) from `cfg.seed`. Raises FinetuneCancelled."""
+    kept. Reseeds torch's global RNG (dropout) from `cfg.seed`. Raises FinetuneCancelled.
+
+    With `checkpoint`, the loop's whole state is written there every `checkpoint_every_s` seconds and
+    at each epoch's end, a matching checkpoint found there is resumed (the result equals an
+    uninterrupted run's), and the file is removed when training ends (core/finetune_checkpoint.py)."""
     if not train:
         raise FinetuneError("no training samples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -271,58 +277,81 @@ def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSam
     lengths = [len(s.ids) for s in train]
     has_valid = any(s.n_loss_tokens() for s in valid)
 
-    history: list[dict[str, Any]] = []
-    best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
-    stopped_early = False
-    step = 0
-    epoch = 0
-    t0 = time.perf_counter()
+    fingerprint = training_fingerprint(cfg, train, valid) if checkpoint is not None else ""
+    best_state: dict[str, torch.Tensor] | None = None
+    loop = LoopState()
+    if checkpoint is not None and (resumed := load_checkpoint(checkpoint, fingerprint, model, opt)) is not None:
+        loop, best_state = resumed
+    stopped_early = bool(loop.history) and loop.stale >= cfg.patience
+    epoch = loop.epoch - 1
+    t0 = time.perf_counter() - loop.seconds
+    last_save = time.perf_counter()
+
+    def save() -> None:
+        nonlocal last_save
+        loop.seconds = time.perf_counter() - t0
+        save_checkpoint(checkpoint, fingerprint, loop, model, opt, best_state)
+        last_save = time.perf_counter()
+
     model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_loss, epoch_tokens = 0.0, 0
-        lr = cfg.lr
-        for batch in epoch_batches(lengths, cfg.batch_size, cfg.micro_batch_size, rng, cfg.micro_batch_tokens):
+    for epoch in range(loop.epoch, cfg.epochs + 1):
+        if stopped_early:
+            break
+        if loop.epoch_rng is None:
+            loop.epoch_rng = rng.bit_generator.state
+        else:  # resumed: the epoch's shuffle as it was drawn, then skip the batches done
+            rng.bit_generator.state = loop.epoch_rng
+        if loop.batches_done == 0:
+            loop.epoch_loss, loop.epoch_tokens, loop.lr = 0.0, 0, cfg.lr
+        loop.epoch = epoch
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.micro_batch_size, rng, cfg.micro_batch_tokens)
+        for index in range(loop.batches_done, len(batches)):
+            batch = batches[index]
             n_tokens = sum(train[i].n_loss_tokens() for micro in batch for i in micro)
-            if n_tokens == 0:
-                continue
-            step += 1
-            lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.lr_scheduler)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            for micro in batch:
-                if cancel is not None and cancel():
-                    raise FinetuneCancelled("fine-tuning cancelled")
-                summed = _summed_loss(model, *collate([train[i] for i in micro], pad_id, device), autocast)
-                (summed / n_tokens).backward()
-                epoch_loss += float(summed.detach())
-            epoch_tokens += n_tokens
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            if progress is not None:
-                progress(min(1.0, step / total_steps),
-                         f"epoch {epoch}/{cfg.epochs} step {step} loss {epoch_loss / max(epoch_tokens, 1):.4f}")
-        entry: dict[str, Any] = {"epoch": epoch, "train_loss": epoch_loss / max(epoch_tokens, 1), "lr": lr}
+            if n_tokens:
+                loop.step += 1
+                loop.lr = cfg.lr * lr_multiplier(loop.step, total_steps, cfg.warmup_steps, cfg.lr_scheduler)
+                for group in opt.param_groups:
+                    group["lr"] = loop.lr
+                opt.zero_grad(set_to_none=True)
+                for micro in batch:
+                    if cancel is not None and cancel():
+                        raise FinetuneCancelled("fine-tuning cancelled")
+                    summed = _summed_loss(model, *collate([train[i] for i in micro], pad_id, device), autocast)
+                    (summed / n_tokens).backward()
+                    loop.epoch_loss += float(summed.detach())
+                loop.epoch_tokens += n_tokens
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+            loop.batches_done = index + 1
+            if n_tokens and progress is not None:
+                progress(min(1.0, loop.step / total_steps), f"epoch {epoch}/{cfg.epochs} step {loop.step} "
+                         f"loss {loop.epoch_loss / max(loop.epoch_tokens, 1):.4f}")
+            if checkpoint is not None and time.perf_counter() - last_save >= checkpoint_every_s:
+                save()
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": loop.epoch_loss / max(loop.epoch_tokens, 1),
+                                 "lr": loop.lr}
         message = f"epoch {epoch}/{cfg.epochs} train loss {entry['train_loss']:.4f}"
         if has_valid and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             valid_loss = mean_loss(model, valid, pad_id, micro_batch_size=cfg.micro_batch_size, device=device,
                                    autocast=autocast, cancel=cancel)
             model.train()
             entry["valid_loss"] = valid_loss
-            if valid_loss < best_loss:
-                best_loss, best_epoch, stale = valid_loss, epoch, 0
+            if valid_loss < loop.best_loss:
+                loop.best_loss, loop.best_epoch, loop.stale = valid_loss, epoch, 0
                 best_state = trainable_state(model)
             else:
-                stale += 1
-            message += f" valid loss {valid_loss:.4f} (best {best_loss:.4f} @ {best_epoch})"
-            stopped_early = stale >= cfg.patience
-        history.append(entry)
+                loop.stale += 1
+            message += f" valid loss {valid_loss:.4f} (best {loop.best_loss:.4f} @ {loop.best_epoch})"
+            stopped_early = loop.stale >= cfg.patience
+        loop.history.append(entry)
         log.info("finetune: %s", message)
         if progress is not None:
-            progress(1.0 if stopped_early else min(1.0, step / total_steps), message)
-        if stopped_early:
-            break
+            progress(1.0 if stopped_early else min(1.0, loop.step / total_steps), message)
+        loop.epoch, loop.batches_done, loop.epoch_rng = epoch + 1, 0, rng.bit_generator.state
+        if checkpoint is not None and not stopped_early and epoch < cfg.epochs:
+            save()
     seconds = time.perf_counter() - t0
     if best_state is not None:
         with torch.no_grad():
@@ -330,8 +359,10 @@ def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSam
                 if n in best_state:
                     p.copy_(best_state[n])
     model.eval()
-    return FinetuneResult(epochs_run=epoch, best_epoch=best_epoch, stopped_early=stopped_early, steps=step,
-                          seconds=seconds, train_samples=len(train), valid_samples=len(valid), history=history)
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return FinetuneResult(epochs_run=epoch, best_epoch=loop.best_epoch, stopped_early=stopped_early, steps=loop.step,
+                          seconds=seconds, train_samples=len(train), valid_samples=len(valid), history=loop.history)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,10 +450,11 @@ def _autocast(precision: str, dev: torch.device) -> Callable:
 def run_finetune(ds: RecDataset, users: Sequence[int], cfg: FinetuneConfig, out_dir: Path, *,
                  cache_dir: Path | None = None, template: PromptTemplate | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                 extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra_meta: dict[str, Any] | None = None, checkpoint: Path | None = None) -> dict[str, Any]:
     """Fine-tune the configured LLM on the BIGRec samples of `users` (indices into `ds`; a set: order
     and duplicates do not matter), early-stopped on those users' validation samples, and write the
-    adapter plus `finetune.json` to `out_dir` (atomically). Returns the metadata written."""
+    adapter plus `finetune.json` to `out_dir` (atomically). Returns the metadata written. With
+    `checkpoint`, an interrupted run resumes from that file (`train_lora`)."""
     from core.device import resolve_device
     from core.effort.llm import load_base_model, resolve_llm
 
@@ -450,7 +482,7 @@ def run_finetune(ds: RecDataset, users: Sequence[int], cfg: FinetuneConfig, out_
              np.mean([len(s.ids) for s in train]), len(valid))
     precision = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda") else "fp32"
     result = train_lora(model, train, valid, cfg, pad_id=pad_id, device=dev, autocast=_autocast(precision, dev),
-                        progress=progress, cancel=cancel)
+                        progress=progress, cancel=cancel, checkpoint=checkpoint)
     meta = {
         "format": FORMAT,
         "base_model": {"llm": cfg.llm, "gguf_file": source.gguf_file, "path": str(source.folder.resolve()),

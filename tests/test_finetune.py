@@ -249,3 +249,55 @@ def test_token_budget_micro_batches_pad_less_and_train_the_same(data):
         states.append(trainable_state(model))
     for name in states[0]:
         torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-6)
+
+
+def _cancel_after(calls: int):
+    seen = [0]
+
+    def cancel() -> bool:
+        seen[0] += 1
+        return seen[0] > calls
+
+    return cancel
+
+
+@pytest.mark.parametrize("calls", [4, 9, 14])  # mid-epoch 1, just past epoch 1's end, mid-epoch 2
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(data, tmp_path, calls):
+    """Dropout on, so torch's RNG must be restored too; the checkpoint is written after every batch."""
+    tok, _, train, valid = data
+    cfg = FinetuneConfig(epochs=3, **FAST)
+    whole = fresh(tok, cfg)
+    expected = train_lora(whole, train, valid, cfg, pad_id=tok.eos_token_id)
+    ckpt = tmp_path / "run.resume.pt"
+    with pytest.raises(FinetuneCancelled):
+        train_lora(fresh(tok, cfg), train, valid, cfg, pad_id=tok.eos_token_id, cancel=_cancel_after(calls),
+                   checkpoint=ckpt, checkpoint_every_s=0)
+    assert ckpt.is_file()
+    resumed_model = fresh(tok, cfg)
+    resumed = train_lora(resumed_model, train, valid, cfg, pad_id=tok.eos_token_id, checkpoint=ckpt,
+                         checkpoint_every_s=0)
+    assert not ckpt.exists()  # removed once training ends
+    assert (resumed.steps, resumed.epochs_run, resumed.best_epoch) == (expected.steps, expected.epochs_run,
+                                                                      expected.best_epoch)
+    assert resumed.history == expected.history
+    final, reference = trainable_state(resumed_model), trainable_state(whole)
+    assert all(torch.equal(final[n], reference[n]) for n in reference)
+
+
+def test_a_checkpoint_of_another_run_or_a_torn_file_is_not_resumed(data, tmp_path):
+    tok, _, train, valid = data
+    ckpt = tmp_path / "run.resume.pt"
+    cfg0, cfg1 = FinetuneConfig(epochs=2, seed=0, **FAST), FinetuneConfig(epochs=2, seed=1, **FAST)
+    with pytest.raises(FinetuneCancelled):
+        train_lora(fresh(tok, cfg0), train, valid, cfg0, pad_id=tok.eos_token_id, cancel=_cancel_after(5),
+                   checkpoint=ckpt, checkpoint_every_s=0)
+    reference = fresh(tok, cfg1)
+    train_lora(reference, train, valid, cfg1, pad_id=tok.eos_token_id)
+    for content in (None, b"not a checkpoint"):
+        if content is not None:
+            ckpt.write_bytes(content)
+        model = fresh(tok, cfg1)
+        train_lora(model, train, valid, cfg1, pad_id=tok.eos_token_id, checkpoint=ckpt)
+        got, want = trainable_state(model), trainable_state(reference)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert not ckpt.exists()
