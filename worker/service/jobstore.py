@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator
@@ -56,11 +57,14 @@ def new_id(kind: str) -> str:
     return f"{kind}_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
 
 
+def id_pattern(kind: str) -> str:
+    """The shape of new_id's ids (12 hex digits of milliseconds, 10 random ones), as a regular expression."""
+    return f"^{kind}_[0-9a-f]{{22}}$"
+
+
 def is_valid_id(kind: str, value: str) -> bool:
     """Ids become Redis keys and folder names: only our own exact shape is accepted."""
-    prefix = kind + "_"
-    rest = value[len(prefix):]
-    return value.startswith(prefix) and len(rest) == 22 and all(c in "0123456789abcdef" for c in rest)
+    return re.fullmatch(id_pattern(kind), value) is not None  # fullmatch: no trailing newline either
 
 
 # The largest event id a client may name (`after`): JSON-safe, and far below Redis's 64-bit list indices.
