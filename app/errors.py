@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from core.data.errors import MAX_SHOWN, DataError, clip
 from worker.service.jobstore import StoreError
@@ -74,6 +75,23 @@ def _field(loc: tuple | list) -> str:
     return ".".join(parts) or "body"
 
 
+# The methods a route may have; a 405's `Allow` lists those that some route at the path answers.
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method that some route at this path answers. Starlette's 405 named only the methods of the
+    first route whose path matched (POST for /v1/datasets, whose GET is another route), so its `Allow`
+    left methods out. Asked through each route's public `matches` with the method changed, since
+    FastAPI keeps an included router's routes behind one route of its own."""
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -98,8 +116,12 @@ def install(app: FastAPI) -> None:
                                        field=first["field"], details=details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+            return JSONResponse(error_body("method_not_allowed", f"{request.method[:20]} is not allowed here; "
+                                           f"allowed: {allowed}"), status_code=405, headers={"Allow": allowed})
+        code = {404: "not_found"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
