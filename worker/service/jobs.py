@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from core.params import ParamsError
-from core.selection.methods import required_scores
+from core.selection.methods import method_names, required_scores
 from worker.celery_app import TASK_RUN, send
 from worker.service.jobstore import JobStore, new_id
 from worker.service.plan import first_queue
@@ -52,8 +52,13 @@ def create_prune_job(store: JobStore, celery, settings: Settings, llms: dict[str
     if dataset.status != "ready":
         raise JobRequestError(409, "dataset_not_ready", f"dataset {req.dataset_id} is {dataset.status}, not ready",
                               dataset_status=dataset.status, errors=[e.model_dump() for e in dataset.errors] or None)
-    needs_llm = "effort" in required_scores(req.method) or req.finetune is not None
-    if needs_llm and req.params.effort.llm not in llms:
+    needs_effort = "effort" in required_scores(req.method)
+    if (needs_effort or req.finetune is not None) and not llms:  # DEALREC_LLMS=none
+        field = "method" if needs_effort else "finetune"
+        without = ", ".join(m for m in method_names() if "effort" not in required_scores(m))
+        raise JobRequestError(422, "invalid_request", f"{field}: this server runs no LLM; choose a method without "
+                              f"one ({without}) and no finetune", field=field)
+    if (needs_effort or req.finetune is not None) and req.params.effort.llm not in llms:
         raise JobRequestError(422, "invalid_request", f"params.effort.llm: unknown model '{req.params.effort.llm}'; "
                               f"this server offers {', '.join(sorted(llms))}", field="params.effort.llm")
     stats = dataset.statistics or {}

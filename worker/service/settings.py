@@ -52,7 +52,7 @@ class Settings(BaseModel):
     # balanced), which any number of workers on the LLM queue take; 0 = the job's own task scores it.
     effort_shard_tokens: int = Field(200_000, ge=0)
     progress_interval_s: float = Field(0.5, ge=0.0)  # least time between two progress writes
-    llms: str = ""  # "name=path,..." models a request may name besides "auto"
+    llms: str = ""  # "name=path,..." models a request may name besides "auto"; "none": no model at all
 
     # Uploads
     max_upload_bytes: int = Field(1 << 30, ge=1)
@@ -112,7 +112,11 @@ class Settings(BaseModel):
         return self.llm_queue if stage in LLM_STAGES else "cpu"
 
     def llm_choices(self) -> dict[str, str]:
-        """Request-side LLM names -> server paths. Clients name a model, never a path on this machine."""
+        """Request-side LLM names -> server paths. Clients name a model, never a path on this machine.
+        `none`: no model at all, `auto` included: a server that runs only the methods without an LLM
+        refuses every job that needs one (422) instead of loading the default model."""
+        if self.llms.strip().lower() == "none":
+            return {}
         out = {"auto": "auto"}
         for item in filter(None, (x.strip() for x in self.llms.split(","))):
             name, sep, path = item.partition("=")
