@@ -14,7 +14,8 @@ import hmac
 import re
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPBearer
 
 from app.errors import ApiError
 from worker.service.settings import ConfigError, Settings
@@ -108,6 +109,20 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_tenant(request: Request) -> str:
+# The two bearer schemes as /openapi.json declares them (components.securitySchemes, and `security` on
+# each route that depends on one). auto_error=False: they only declare; the Authenticator reads the
+# header itself, tells a missing key from an unknown one, and answers with the API's JSON error body.
+API_KEY_SCHEME = HTTPBearer(scheme_name="apiKey", auto_error=False,
+                            description="a tenant's API key (DEALREC_API_KEYS): every /v1 route")
+METRICS_TOKEN_SCHEME = HTTPBearer(scheme_name="metricsToken", auto_error=False,
+                                  description="the scrapers' token (DEALREC_METRICS_TOKEN): /metrics")
+
+
+def require_tenant(request: Request, _declared: object = Security(API_KEY_SCHEME)) -> str:
     """FastAPI dependency: the caller's tenant."""
     return request.app.state.auth.tenant_of(request.headers.get("authorization"))
+
+
+def declare_metrics_token(_declared: object = Security(METRICS_TOKEN_SCHEME)) -> None:
+    """FastAPI dependency of /metrics, for its schema only: the route checks the token itself (a wrong one
+    is a 401, no token configured a 404)."""

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -29,6 +30,34 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers
         self.extra = extra
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="the request field, dotted (params.surrogate.epochs), or body")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable `code` to branch on, a message for people, and, depending on the code,
+    fields that say where (more may come: clients should ignore those they do not know)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(examples=["not_found"], description="stable: not_found, invalid_request, invalid_dataset, "
+                      "unauthorized, dataset_not_ready, job_finished, upload_too_large, store_unavailable, ...")
+    message: str = Field(description="one sentence; values quoted from the request are cut to 200 characters")
+    field: str | None = Field(None, description="the request field at fault (422, some 400s)")
+    details: list[FieldProblem] | None = Field(None, description="422: each field at fault, one entry per field")
+    file: str | None = Field(None, description="the uploaded file at fault, by its name in the upload")
+    line: int | None = Field(None, description="its line (1-based), where one is at fault")
+    limit: int | None = Field(None, description="the server's limit that was passed (bytes, seconds)")
+    status: str | None = Field(None, description="the job's status, where it forbids what was asked")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer (4xx and 5xx): the schema of each error code in /openapi.json."""
+
+    error: ErrorDetail
 
 
 # Most entries of an error's `details` list: one per field, a request has a few dozen fields at most.

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from app import openapi
 from app.archives import unpack
 from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
@@ -26,21 +27,8 @@ from worker.service.responses import DatasetList, DatasetOut
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["datasets"])
 
-_UPLOAD_DOC = {
-    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["files"],
-        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                 "description": "the dataset's files (DEALRec layout, interaction log + items "
-                                                "table, RecBole atomic files) or one .zip / .tar.gz holding them"}}}}}},
-}
-
-
-@router.post("/datasets", status_code=202, response_model=DatasetOut, openapi_extra=_UPLOAD_DOC,
-             responses={400: {"description": "a file that is not UTF-8 text, lacks a required column, or whose "
-                                             "layout is not recognised (error: file, line, field, message); an "
-                                             "empty file; an unsafe archive"},
-                        408: {"description": "the upload stalled for longer than the server keeps partial uploads"},
-                        413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
+@router.post("/datasets", status_code=202, response_model=DatasetOut, openapi_extra=openapi.UPLOAD_BODY,
+             responses=openapi.UPLOAD)
 async def upload_dataset(request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the dataset")
                          ) -> DatasetOut:
@@ -64,12 +52,8 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
 
 
 @router.post("/datasets/{dataset_id}/versions", status_code=202, response_model=DatasetOut,
-             openapi_extra=_UPLOAD_DOC,
-             responses={400: {"description": "an addition that cannot be appended or whose result fails the checks"},
-                        404: {"description": "no such dataset"}, 409: {"description": "the dataset is not ready"},
-                        408: {"description": "the upload stalled for longer than the server keeps partial uploads"},
-                        413: {"description": "upload over the size limit"}, 415: {"description": "file type refused"}})
-async def extend_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant),
+             openapi_extra=openapi.UPLOAD_BODY, responses=openapi.NEW_VERSION)
+async def extend_dataset(dataset_id: openapi.DatasetId, request: Request, tenant: str = Depends(require_tenant),
                          name: str | None = Query(None, max_length=200, description="a label for the new version")
                          ) -> DatasetOut:
     """A new version of a dataset: its files with the uploaded files appended to those of the same
@@ -160,15 +144,15 @@ def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
         raise
 
 
-@router.get("/datasets", response_model=DatasetList)
+@router.get("/datasets", response_model=DatasetList, responses=openapi.LIST)
 def list_datasets(request: Request, tenant: str = Depends(require_tenant),
                   cursor: str | None = Query(None, max_length=64), limit: int = Query(50, ge=1, le=200)) -> DatasetList:
     items, nxt = get_ctx(request).store.list_datasets(tenant, cursor, limit)
     return DatasetList(items=[DatasetOut.of(d) for d in items], next_cursor=nxt)
 
 
-@router.get("/datasets/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant)) -> DatasetOut:
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut, responses=openapi.DATASET)
+def get_dataset(dataset_id: openapi.DatasetId, request: Request, tenant: str = Depends(require_tenant)) -> DatasetOut:
     checked_id("ds", dataset_id, "dataset")
     rec = get_ctx(request).store.get_dataset(dataset_id, tenant)
     if rec is None:
@@ -177,8 +161,8 @@ def get_dataset(dataset_id: str, request: Request, tenant: str = Depends(require
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, response_class=Response,
-               responses={409: {"description": "a queued or running job uses the dataset"}})
-def delete_dataset(dataset_id: str, request: Request, tenant: str = Depends(require_tenant)) -> Response:
+               responses=openapi.DELETE_DATASET)
+def delete_dataset(dataset_id: openapi.DatasetId, request: Request, tenant: str = Depends(require_tenant)) -> Response:
     checked_id("ds", dataset_id, "dataset")
     ctx = get_ctx(request)
     outcome = ctx.store.delete_dataset(tenant, dataset_id)

@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from app import openapi
 from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, not_found
@@ -31,9 +32,7 @@ def _job(ctx: ServiceContext, job_id: str, tenant: str) -> JobRecord:
     return job
 
 
-@router.post("/prune", status_code=202, response_model=JobOut,
-             responses={200: {"description": "an earlier job with the same Idempotency-Key"},
-                        409: {"description": "dataset not ready, or Idempotency-Key reused with another request"}})
+@router.post("/prune", status_code=202, response_model=JobOut, responses=openapi.NEW_JOB)
 def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(require_tenant),
                 idempotency_key: str | None = Header(None, max_length=200)) -> Response:
     """Queue a pruning job. Omitted parameters take the paper's defaults; the job's `params` shows
@@ -50,20 +49,20 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
                                  **({} if created else {"Idempotent-Replayed": "true"})})
 
 
-@router.get("/jobs", response_model=JobList)
+@router.get("/jobs", response_model=JobList, responses=openapi.LIST)
 def list_jobs(request: Request, tenant: str = Depends(require_tenant), status: JobStatusFilter | None = None,
               cursor: str | None = Query(None, max_length=64), limit: int = Query(50, ge=1, le=200)) -> JobList:
     items, nxt = get_ctx(request).store.list_jobs(tenant, status, cursor, limit)
     return JobList(items=[JobOut.of(j) for j in items], next_cursor=nxt)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=openapi.JOB)
+def get_job(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
     return JobOut.of(_job(get_ctx(request), job_id, tenant))
 
 
-@router.get("/jobs/{job_id}/events", response_model=EventList)
-def job_events(job_id: str, request: Request, tenant: str = Depends(require_tenant),
+@router.get("/jobs/{job_id}/events", response_model=EventList, responses=openapi.JOB)
+def job_events(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant),
                after: int = Query(0, ge=0, le=MAX_EVENT_ID, description="return events with id > after"),
                limit: int = Query(100, ge=1, le=1000)) -> EventList:
     ctx = get_ctx(request)
@@ -72,9 +71,8 @@ def job_events(job_id: str, request: Request, tenant: str = Depends(require_tena
     return EventList(items=items, has_more=more, next_after=items[-1].id if items else after)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut,
-             responses={409: {"description": "the job has already finished"}})
-def cancel_job(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, responses=openapi.CANCEL)
+def cancel_job(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
     """A queued job, a running one waiting in a queue between two of its tasks, or one whose worker
     is loading the LLM, is cancelled at once; one that a worker runs stops within one batch of its
     stage."""
@@ -115,24 +113,25 @@ def _artifact(ctx: ServiceContext, job_id: str, tenant: str, name: str, media: s
 
 
 @router.get("/jobs/{job_id}/selection", response_class=FileResponse,
-            responses={200: {"content": {"application/json": {}, "text/csv": {}}}})
-def selection(job_id: str, request: Request, tenant: str = Depends(require_tenant),
+            responses=openapi.download({"application/json": openapi.JSON_OBJECT, "text/csv": openapi.TEXT}))
+def selection(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant),
               format: Literal["json", "csv"] = "json") -> FileResponse:
     """The selected samples: `selection.json` (the schema `dealrec prune` writes) or `selection.csv`."""
     name, media = ("selection.json", "application/json") if format == "json" else ("selection.csv", "text/csv")
     return _artifact(get_ctx(request), job_id, tenant, name, media)
 
 
-@router.get("/jobs/{job_id}/scores", response_class=FileResponse, responses={200: {"content": {"text/csv": {}}}})
-def scores(job_id: str, request: Request, tenant: str = Depends(require_tenant),
+@router.get("/jobs/{job_id}/scores", response_class=FileResponse,
+            responses=openapi.download({"text/csv": openapi.TEXT}))
+def scores(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant),
            format: Literal["csv"] = "csv") -> FileResponse:
     """Every sample's influence, effort and overall score, stratum and whether it was selected."""
     return _artifact(get_ctx(request), job_id, tenant, "scores.csv", "text/csv")
 
 
 @router.get("/jobs/{job_id}/diagnostics", response_class=FileResponse,
-            responses={200: {"content": {"application/json": {}}}})
-def diagnostics(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
+            responses=openapi.download({"application/json": openapi.JSON_OBJECT}))
+def diagnostics(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
     """What the selection holds against its pool (`diagnostics.json`, as `dealrec prune` writes it):
     quantiles of history length, prompt tokens and target-item popularity (selected vs all), how each
     stratum was filled, and the Spearman correlation of each score with prompt length."""
@@ -140,16 +139,17 @@ def diagnostics(job_id: str, request: Request, tenant: str = Depends(require_ten
 
 
 @router.get("/jobs/{job_id}/bigrec_train.jsonl", response_class=FileResponse,
-            responses={200: {"content": {"application/x-ndjson": {}}}})
-def bigrec_train(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
+            responses=openapi.download({"application/x-ndjson": openapi.TEXT}))
+def bigrec_train(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
     """The selected samples as BIGRec instruction records, ready for LoRA fine-tuning."""
     return _artifact(get_ctx(request), job_id, tenant, "bigrec_train.jsonl", "application/x-ndjson")
 
 
 @router.get("/jobs/{job_id}/adapter", response_class=FileResponse,
-            responses={200: {"content": {"application/gzip": {}}},
-                       404: {"description": "no such job, or the job did not fine-tune"}})
-def adapter(job_id: str, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
+            responses=openapi.download({"application/gzip": openapi.BINARY},
+                                       missing="no such job, the job did not fine-tune, or the file is no longer "
+                                               "stored"))
+def adapter(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant)) -> FileResponse:
     """The LoRA adapter fine-tuned on the selection (jobs started with `finetune`): a .tar.gz of the
     peft folder `adapter/` (adapter_config.json, adapter_model.safetensors, finetune.json)."""
     ctx = get_ctx(request)

@@ -10,11 +10,15 @@ is off (404). It has no series per tenant: there is no admin key to show them to
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import redis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
 
+from app import openapi
+from app.auth import declare_metrics_token
 from app.context import get_ctx
 from app.errors import ApiError, error_body
 from app.metrics import render_metrics
@@ -24,13 +28,25 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 
 
+class ReadyChecks(BaseModel):
+    redis: bool = Field(description="Redis answered PING")
+    workers: int = Field(description="workers with a fresh heartbeat")
+    worker_ids: list[str] | None = Field(None, description="host:pid of each: only to a tenant's key or the "
+                                                           "metrics token")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: ReadyChecks
+
+
 @router.get("/healthz")
 def healthz() -> dict:
     """The process is alive (no dependency is checked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Redis unreachable or no worker alive"}})
+@router.get("/readyz", response_model=Readiness, responses=openapi.READY, openapi_extra=openapi.OPTIONAL_CREDENTIALS)
 def readyz(request: Request) -> JSONResponse:
     """Redis answers PING and at least one worker's heartbeat key is fresh: `checks.redis` and
     `checks.workers` (how many are alive); with a tenant's key or the metrics token also
@@ -58,9 +74,8 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(error_body("not_ready", reason, checks=checks), status_code=503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
-            responses={401: {"description": "no metrics token, or another one (a tenant's key does not open it)"},
-                       404: {"description": "metrics are off: DEALREC_METRICS_TOKEN is not set"}})
+@router.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS,
+            dependencies=[Depends(declare_metrics_token)])
 def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format: jobs by status, stage durations, queue depth, live workers, for every
     tenant together. Scrape with `Authorization: Bearer <DEALREC_METRICS_TOKEN>`."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field
 from core.config import MAX_USERS, FinetuneConfig, InfluenceConfig, LLMEvalConfig, PruneConfig, SurrogateConfig
 from core.params import MAX_BUDGET, PruneOverrides, check_budget, resolve, validated, without_none
 from core.selection.methods import method_names
+from worker.service.jobstore import id_pattern
 
 # The registry's methods, as the schema's enum (core/selection/methods.py).
 Method = Literal[method_names()]
@@ -87,12 +88,15 @@ class PruneRequest(_Forbid):
         "limit_users": 600, "params": {"lambda": 0.3, "strata": 50, "hard_prune": 0.1,
                                        "surrogate": {"epochs": 200}, "influence": {"solver": "lissa"}}}]})
 
-    dataset_id: str = Field(..., max_length=64)
-    # check_budget enforces the bounds (and that a count >= 1 is whole); the schema states them beside the
-    # union, where they hold for both members.
+    # A malformed id is answered 404 as an unknown one is: the pattern is stated for clients, not checked here.
+    dataset_id: str = Field(..., max_length=64, json_schema_extra={"pattern": id_pattern("ds")})
+    # check_budget enforces the bounds and that a number >= 1 is whole. The schema says the same: a number
+    # in (0, 1e9] that is whole or below 1 (JSON Schema's integer holds 64.0 too, as check_budget does);
+    # it replaces pydantic's anyOf of the two types, which let 1.5 through.
     budget: StrictInt | StrictFloat = Field(
         1024, description="samples to select: a count (64, at most 1e9) or a ratio of the samples in (0, 1) (0.02)",
-        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_BUDGET})
+        json_schema_extra={"type": "number", "exclusiveMinimum": 0, "maximum": MAX_BUDGET,
+                           "anyOf": [{"type": "integer"}, {"exclusiveMaximum": 1}]})
     method: Method = "dealrec"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     limit_users: int | None = Field(None, ge=1, le=MAX_USERS, description="keep only the first N users")
