@@ -58,6 +58,12 @@ def invalid_dataset(exc: DataError, root: Path) -> ApiError:
     return ApiError(400, "invalid_dataset", message, file=file, line=exc.line, field=exc.field)
 
 
+def too_many_files(what: str, limit: int, setting: str) -> ApiError:
+    """413 for an upload or an archive with more files than `setting` allows."""
+    return ApiError(413, "too_many_files", f"{what} holds more than {limit} files ({setting})", limit=limit,
+                    setting=setting)
+
+
 _STORE_STATUS = {"not_found": 404, "dataset_not_ready": 409, "invalid_transition": 409, "idempotency_conflict": 409}
 
 

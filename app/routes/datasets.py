@@ -121,13 +121,13 @@ async def _receive(request: Request, ctx: ServiceContext, tmp: Path, dest: Path)
     s = ctx.settings
     raw = tmp / "raw"
     raw.mkdir()
-    files = await receive_files(request, raw, s.max_upload_bytes)
+    files = await receive_files(request, raw, s.max_upload_bytes, s.max_upload_files)
     archives = [f for f in files if is_archive(f.name)]
     if archives:
         if len(files) != 1:
             raise ApiError(400, "invalid_request", "send either one archive or the data files, not both")
         return await run_in_threadpool(unpack, raw / archives[0].name, dest, s.max_unpacked_bytes,
-                                       s.max_archive_files)
+                                       s.max_archive_files, s.max_archive_ratio)
     os.rename(raw, dest)
     return files
 
