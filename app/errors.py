@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.errors import MAX_SHOWN, DataError, clip
 from worker.service.jobstore import StoreError
+from worker.service.quotas import QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, str(exc), **exc.extra), status_code=_STORE_STATUS.get(exc.code, 409))
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        # A tenant at one of its limits (jobs, datasets, stored bytes): 429, the limit named in the body.
+        return JSONResponse(error_body("quota_exceeded", exc.message, **exc.details()), status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

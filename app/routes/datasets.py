@@ -48,6 +48,7 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
     file, line and field, and nothing stored); a worker then validates them in full (`validating` ->
     `ready` | `invalid`)."""
     ctx = get_ctx(request)
+    await run_in_threadpool(ctx.quotas.check_storage, tenant)  # a tenant at its limits: 429 before the body
     tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
     try:
         files = await _receive(request, ctx, tmp, tmp / "files")
@@ -86,6 +87,7 @@ async def extend_dataset(dataset_id: str, request: Request, tenant: str = Depend
         raise not_found("dataset", dataset_id)
     if parent.status != "ready":
         raise ApiError(409, "dataset_not_ready", f"dataset {dataset_id} is {parent.status}, not ready")
+    await run_in_threadpool(ctx.quotas.check_storage, tenant)  # a version is a dataset of its own
     tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
     try:
         await _receive(request, ctx, tmp, tmp / "addition")
@@ -146,9 +148,10 @@ def _precheck(folder: Path) -> None:
 
 
 def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
-    """Record, then files into place, then the validation task: each step only once the one before
-    it held, and undone if the queue refuses the task."""
-    ctx.store.create_dataset(rec)
+    """Record (within the tenant's dataset count and stored bytes: 429 past them), then files into
+    place, then the validation task: each step only once the one before it held, and undone if the
+    queue refuses the task."""
+    ctx.quotas.admit_dataset(rec)
     try:
         final = ctx.files.dataset_files(rec.id)
         final.parent.mkdir(parents=True, exist_ok=True)
