@@ -38,6 +38,7 @@ from core.surrogate.train import Cancelled
 from worker.deliveries import PARKED_CODE, PARKED_JOB, Delivery
 from worker.progress import CancelCheck, JobReporter
 from worker.service.files import Files
+from worker.service.handoffs import record_handoff
 from worker.service.jobstore import JobLock, JobStore, StoreError
 from worker.service.plan import next_segment, request_stages
 from worker.service.records import JobRecord
@@ -64,6 +65,7 @@ class Outcome:
     next_queue: str | None = None
     shards: int = 0
     shard_queue: str | None = None
+    handoff_id: str | None = None  # the recorded hand-off that sending next_queue / the shards fulfils
 
 
 def relative_error(exc: DataError, root: Path) -> dict:
@@ -101,8 +103,8 @@ class JobRunner:
             # A redelivered message whose stages were finished by the worker that died: pass the job
             # on to the queue of its first unfinished stage, as that worker was about to.
             log.info("job %s: stages of queue %s are done; handing it to %s", self.job_id, queue, owner)
-            self.store.update_job(self.job_id, allowed=["queued", "running"], handoff=owner, queue=owner)
-            return Outcome(job.status, owner)
+            token = record_handoff(self.store, self.job_id, owner, allowed=["queued", "running"], queue=owner)
+            return Outcome(job.status, owner, handoff_id=token)
 
         # Counted per job and first stage to run: a segment whose worker died twice at the same
         # stage is not run a third time (a stage finished meanwhile starts a new count). `load` is
@@ -196,6 +198,7 @@ class _Segment:
                                 adapter_dir=self.job_dir / "adapter",
                                 artifacts={k: self.cache / v for k, v in self.artifacts.items()})
         self.result: dict = dict(job.result or {})  # what the client sees once the job succeeded
+        self.shards_handoff: str | None = None  # the token of this task's hand-off to effort shards
         self.tmp: Path | None = None
 
     def run(self) -> Outcome:
@@ -209,7 +212,7 @@ class _Segment:
                 if self.cancel():
                     raise JobCancelled()
                 if stage == "effort" and (shards := self._dispatch_shards()):
-                    return Outcome("running", shards=shards, shard_queue=self.queue)
+                    return Outcome("running", shards=shards, shard_queue=self.queue, handoff_id=self.shards_handoff)
                 self._stage(stage)
                 last = stage == self.stages[-1]
                 self._complete(stage, final=last)
@@ -217,8 +220,8 @@ class _Segment:
                     self._finish()
                     return Outcome("succeeded")
             nxt, _ = next_segment(self.stages, self.completed, self.settings)
-            self.store.update_job(self.job_id, allowed=["running"], handoff=nxt, queue=nxt)
-            return Outcome("running", nxt)
+            token = record_handoff(self.store, self.job_id, nxt, allowed=["running"], queue=nxt)
+            return Outcome("running", nxt, handoff_id=token)
         except (Cancelled, EffortCancelled, JobCancelled):
             return self.r.stopped(self.cancel.reason or "cancelled")
         except DataError as exc:
@@ -356,8 +359,8 @@ class _Segment:
         position = {u: i for i, u in enumerate(pool.users)}
         tokens = [int(sum(len(pool.samples[position[u]].ids) for u in part)) for part in shards]
         self.store.plan_shards(self.job_id, shards, tokens)
-        self.store.update_job(self.job_id, allowed=["running"], handoff=SHARDS, effort_rounds=rounds + 1,
-                              stage="effort")
+        self.shards_handoff = record_handoff(self.store, self.job_id, SHARDS, allowed=["running"],
+                                             effort_rounds=rounds + 1, stage="effort")
         self.store.add_event(self.job_id, f"effort: {missing.size} of {len(pool.samples)} samples to score in "
                              f"{len(shards)} shard tasks ({len(pool.samples) - missing.size} from the store)",
                              shards=len(shards), to_score=int(missing.size), round=rounds + 1)

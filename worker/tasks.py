@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from core.data.errors import clip
 from worker.celery_app import TASK_EFFORT_SHARD, TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app, send
 from worker.service.dispatch import recover_dispatch, release_held
 from worker.service.files import Files
+from worker.service.handoffs import confirm_handoff
 from worker.service.jobstore import JobStore
 from worker.service.quotas import TenantQuotas
 from worker.service.records import TERMINAL
@@ -89,6 +91,7 @@ def run_job(self, job_id: str, queue: str) -> str:
         except Exception as exc:  # noqa: BLE001 - broker down: this message stays unacked and comes back
             log.warning("job %s: could not send its effort shards (%s); retrying", job_id, exc)
             raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
+        confirm_handoff(store, job_id, outcome.handoff_id)
         log.info("job %s: effort in %d shard tasks on the %s queue", job_id, outcome.shards, outcome.shard_queue)
     if outcome.next_queue:
         try:
@@ -96,6 +99,7 @@ def run_job(self, job_id: str, queue: str) -> str:
         except Exception as exc:  # noqa: BLE001 - broker down: this message stays unacked and comes back
             log.warning("job %s: could not hand over to %s (%s); retrying", job_id, outcome.next_queue, exc)
             raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
+        confirm_handoff(store, job_id, outcome.handoff_id)
         log.info("job %s handed to the %s queue", job_id, outcome.next_queue)
     return outcome.status
 
@@ -165,10 +169,17 @@ def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - broker away: the next period tries again
             log.warning("job %s: stalled, could not requeue (%s)", job.id, exc)
             continue
-        store.update_job(job.id, allowed=["running"], handoff=queue, attempts=job.attempts + 1)
-        store.add_event(job.id, "job resumed after its worker stopped", level="warning", requeued_by=holder,
-                        attempt=job.attempts + 1, completed_stages=job.completed_stages)
-        log.warning("job %s: its worker stopped; requeued on %s", job.id, queue)
+        unsent = job.handoff  # recorded by a task whose worker died before sending it
+        store.update_job(job.id, allowed=["running"], handoff=queue, handoff_id=secrets.token_hex(8),
+                         handoff_sent=True, attempts=job.attempts + (0 if unsent else 1))
+        if unsent:
+            store.add_event(job.id, "job handed on again: its worker stopped before sending it", level="warning",
+                            requeued_by=holder, handoff=unsent, completed_stages=job.completed_stages)
+        else:
+            store.add_event(job.id, "job resumed after its worker stopped", level="warning", requeued_by=holder,
+                            attempt=job.attempts + 1, completed_stages=job.completed_stages)
+        log.warning("job %s: its worker stopped%s; requeued on %s", job.id,
+                    " before sending its hand-off" if unsent else "", queue)
         requeued.append(job.id)
     return requeued
 

@@ -257,6 +257,51 @@ def test_stalled_running_job_is_requeued(api, dataset, store):
         api("GET", f"/v1/jobs/{normal['id']}/selection").json()["selected"]
 
 
+def test_a_handoff_whose_task_was_never_sent_is_sent_by_the_reaper(api, dataset, store):
+    """The hand-off gap: a task recorded the job's hand-off to the next queue and its worker died
+    before sending that task. The reaper sends it again (within its bounded wait), but leaves alone
+    a hand-off whose task did reach the broker (it waits in its queue, however long)."""
+    from worker.service.jobstore import new_id
+    from worker.service.records import JobRecord
+    from worker.service.requests import PruneRequest
+
+    jobs = []
+    for seed in (5, 6):
+        req = PruneRequest.model_validate({"dataset_id": dataset["id"], "budget": 5, "method": "random",
+                                           "seed": seed})
+        job, _ = store.create_job(JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"],
+                                            request=req.model_dump(mode="json", by_alias=True)))
+        jobs.append(job)
+    unsent, sent = jobs
+    old = "2026-01-01T00:00:00+00:00"
+    # Both as left by a first task that finished `load` and handed the job on; no message anywhere.
+    store.transition(unsent.id, "running", worker="ghost:1", attempts=1, started_at=old, updated_at=old,
+                     completed_stages=["load"], handoff="cpu", handoff_id="t1", handoff_sent=False)
+    store.transition(sent.id, "running", worker="ghost:2", attempts=1, started_at=old, updated_at=old,
+                     completed_stages=["load"], handoff="cpu", handoff_id="t2", handoff_sent=True)
+    done = wait_job(api, unsent.id, timeout=90)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert "job handed on again: its worker stopped before sending it" in _messages_of(api, unsent.id)
+    waiting = store.get_job(sent.id)
+    assert waiting.status == "running" and waiting.handoff_id == "t2" and waiting.worker == "ghost:2"
+    assert not any("again" in m or "resumed" in m for m in _messages_of(api, sent.id))
+    assert api("POST", f"/v1/jobs/{sent.id}/cancel").json()["status"] == "cancelled"
+
+
+def test_confirming_a_handoff_that_moved_on_writes_nothing(store, dataset):
+    from worker.service.handoffs import confirm_handoff, record_handoff
+    from worker.service.jobstore import new_id
+    from worker.service.records import JobRecord
+
+    job, _ = store.create_job(JobRecord(id=new_id("job"), tenant="acme", dataset_id=dataset["id"]))
+    store.transition(job.id, "running", worker="w:1", attempts=1)
+    first = record_handoff(store, job.id, "gpu", allowed=["running"])
+    second = record_handoff(store, job.id, "cpu", allowed=["running"])  # the job moved on meanwhile
+    assert not confirm_handoff(store, job.id, first) and not store.get_job(job.id).handoff_sent
+    assert confirm_handoff(store, job.id, second) and store.get_job(job.id).handoff_sent
+    store.transition(job.id, "cancelled")
+
+
 def test_cancel_job_waiting_between_tasks_is_immediate(api, dataset, store, settings):
     """A running job handed to another queue (no worker holds it yet) is cancelled at once."""
     from worker.service.jobstore import new_id

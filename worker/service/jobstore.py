@@ -387,16 +387,17 @@ class JobStore:
         return [k[start:] for k in self.r.scan_iter(match=self.key("worker", "*"), count=100)]
 
     def stalled_jobs(self, idle_s: float) -> list[JobRecord]:
-        """Running jobs that no worker runs and no queue holds: no lock, not handed to a queue, and
-        not updated for `idle_s`. That is a task whose worker died and whose message will come back
-        only after the broker's visibility timeout (hours), or never if its ack went through.
-        Unfinished jobs are found through the datasets' sets of unfinished jobs."""
+        """Running jobs that no worker runs and no queue holds: no lock, no hand-off whose task was
+        sent (worker/service/handoffs.py), and not updated for `idle_s`. That is a task whose worker
+        died, whose message will come back only after the broker's visibility timeout (hours), or
+        never if its ack went through. Unfinished jobs are found through the datasets' sets."""
         now = utcnow()
         out = []
         for set_key in self.r.scan_iter(match=self.key("dataset", "*", "jobs"), count=200):
             for job_id in self.r.smembers(set_key):
                 job = self.get_job(job_id)
-                if job is None or job.status != "running" or job.handoff or self.r.exists(self._lock(job_id)):
+                if job is None or job.status != "running" or (job.handoff and job.handoff_sent) or \
+                        self.r.exists(self._lock(job_id)):
                     continue
                 last = job.updated_at or job.started_at or job.created_at
                 if (now - last).total_seconds() >= idle_s:

@@ -91,6 +91,10 @@ class JobRecord(_Record):
     # The queue a finished task handed the job to; a task that finds it set is a continuation, one
     # that does not is a redelivery after its worker died.
     handoff: str | None = None
+    # Which hand-off that is (a fresh token each time), and whether its task (or shard chord) reached
+    # the broker: the reaper sends again a hand-off recorded but never sent (its worker died between).
+    handoff_id: str | None = None
+    handoff_sent: bool = False
     attempts: int = 0
     effort_rounds: int = 0  # times the effort stage was split into shard tasks (a round ends in a merge)
     worker: str | None = None  # host:pid of the worker that last ran it

@@ -57,7 +57,7 @@ class JobOut(BaseModel):
     @classmethod
     def of(cls, rec: JobRecord) -> JobOut:
         data = rec.model_dump(exclude={"tenant", "worker", "updated_at", "artifacts", "effort_info", "handoff",
-                                      "blocked"})
+                                      "handoff_id", "handoff_sent", "blocked"})
         data["estimated_finish"] = _eta(rec)
         if rec.status == "succeeded" and rec.result is not None:
             base = f"/v1/jobs/{rec.id}"
