@@ -2,8 +2,9 @@
 
 Members are read one by one and copied with a byte counter: never `extractall`, never a member
 name used as a path. Refused: absolute or `..` paths, symlinks and hard links, devices, more than
-`max_files` files, more than `max_bytes` unpacked (counted while copying, so a lying header does
-not help), files in more than one folder, two files with one name."""
+`max_files` files, more than `max_bytes` unpacked or more than `max_ratio` times the archive's own
+size (a zip bomb; both counted while copying, so a lying header does not help, and nothing past the
+limit is written), files in more than one folder, two files with one name."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from app.errors import ApiError
+from app.errors import ApiError, too_many_files
 from app.filenames import refused_magic, safe_name
 from worker.service.records import FileInfo
 
 CHUNK = 1 << 20
+# The compression ratio counts past this many unpacked bytes only: a tiny archive of repetitive text
+# (a few KiB that unpack to a few hundred) is no bomb.
+RATIO_FLOOR = 1 << 20
 
 
 def _bad(message: str, **extra) -> ApiError:
@@ -57,11 +61,13 @@ def _members(archive: Path) -> Iterator[tuple[str, int, str, Callable[[], IO[byt
                 yield m.name, m.size, kind, (lambda m=m: tf.extractfile(m))
 
 
-def unpack(archive: Path, dest: Path, max_bytes: int, max_files: int) -> list[FileInfo]:
+def unpack(archive: Path, dest: Path, max_bytes: int, max_files: int, max_ratio: float | None = None
+           ) -> list[FileInfo]:
     dest.mkdir(parents=True, exist_ok=True)
     files: list[FileInfo] = []
     total = 0
     folder: PurePosixPath | None = None
+    budget = _Budget(max_bytes, max_ratio, archive.stat().st_size)
     try:
         for name, size, kind, opener in _members(archive):
             path = _check_member_path(name)
@@ -77,14 +83,15 @@ def unpack(archive: Path, dest: Path, max_bytes: int, max_files: int) -> list[Fi
                 raise _bad("the archive must hold one dataset folder; found files in "
                            f"'{folder}' and '{path.parent}'")
             if len(files) >= max_files:
-                raise ApiError(413, "too_many_files", f"the archive holds more than {max_files} files")
-            if total + size > max_bytes:
-                raise ApiError(413, "archive_too_large", f"the archive unpacks to more than {max_bytes} bytes")
+                raise too_many_files("the archive", max_files, "DEALREC_MAX_ARCHIVE_FILES")
+            room, over = budget.room(total)
+            if size > room:  # the declared size already says so
+                raise over
             out_name = safe_name(path.name, allow_archives=False)
             target = dest / out_name
             if target.exists():
                 raise _bad(f"the archive holds two files named '{out_name}'", file=out_name)
-            written = _copy(opener, target, max_bytes - total, out_name)
+            written = _copy(opener, target, room, over, out_name)
             total += written
             files.append(FileInfo(name=out_name, bytes=written))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, RuntimeError, NotImplementedError) as exc:
@@ -94,7 +101,31 @@ def unpack(archive: Path, dest: Path, max_bytes: int, max_files: int) -> list[Fi
     return files
 
 
-def _copy(opener: Callable[[], IO[bytes]], target: Path, budget: int, shown: str) -> int:
+class _Budget:
+    """How many more bytes the archive may unpack to, and the error past them: the size limit, or
+    the ratio to the archive's own size, whichever comes first."""
+
+    def __init__(self, max_bytes: int, max_ratio: float | None, archive_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.too_large = ApiError(413, "archive_too_large", f"the archive unpacks to more than {max_bytes} bytes "
+                                  "(DEALREC_MAX_UNPACKED_BYTES)", limit=max_bytes, setting="DEALREC_MAX_UNPACKED_BYTES")
+        self.max_ratio_bytes: int | None = None
+        if max_ratio:
+            self.max_ratio_bytes = max(int(max_ratio * archive_bytes), RATIO_FLOOR)
+            self.too_compressed = ApiError(
+                413, "archive_too_compressed", f"the archive unpacks to more than {max_ratio:g} times its own "
+                f"{archive_bytes} bytes (DEALREC_MAX_ARCHIVE_RATIO): refused as a likely zip bomb", limit=max_ratio,
+                setting="DEALREC_MAX_ARCHIVE_RATIO", archive_bytes=archive_bytes)
+
+    def room(self, unpacked: int) -> tuple[int, ApiError]:
+        by_size = self.max_bytes - unpacked
+        if self.max_ratio_bytes is not None and self.max_ratio_bytes - unpacked < by_size:
+            return self.max_ratio_bytes - unpacked, self.too_compressed
+        return by_size, self.too_large
+
+
+def _copy(opener: Callable[[], IO[bytes]], target: Path, budget: int, over: ApiError, shown: str) -> int:
+    """Copy one member, raising `over` as soon as it passes `budget` bytes (before writing them)."""
     written = 0
     src = opener()
     try:
@@ -105,7 +136,7 @@ def _copy(opener: Callable[[], IO[bytes]], target: Path, budget: int, shown: str
                                    f"'{shown}' is a NumPy or pickle file; those are refused", file=shown)
                 written += len(chunk)
                 if written > budget:
-                    raise ApiError(413, "archive_too_large", "the archive unpacks to more bytes than allowed")
+                    raise over
                 out.write(chunk)
     finally:
         src.close()

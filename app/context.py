@@ -12,6 +12,7 @@ from app.errors import ApiError
 from worker.celery_app import make_celery
 from worker.service.files import Files
 from worker.service.jobstore import JobStore, connect, is_valid_id
+from worker.service.quotas import TenantQuotas
 from worker.service.settings import Settings
 
 
@@ -23,13 +24,14 @@ class ServiceContext:
     celery: Celery
     broker: redis.Redis  # for queue depths; the store's client when broker and store share a Redis
     llms: dict[str, str]
+    quotas: TenantQuotas  # the per-tenant limits and fair dispatch
 
     @classmethod
     def build(cls, settings: Settings) -> ServiceContext:
         store = JobStore.from_settings(settings)
         broker = store.r if settings.broker == settings.redis_url else connect(settings.broker)
         return cls(settings, store, Files(settings.data_dir), make_celery(settings), broker,
-                   settings.llm_choices())
+                   settings.llm_choices(), TenantQuotas.from_settings(store, settings))
 
 
 def get_ctx(request: Request) -> ServiceContext:

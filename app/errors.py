@@ -17,6 +17,7 @@ from starlette.routing import Match
 
 from core.data.errors import MAX_SHOWN, DataError, clip
 from worker.service.jobstore import StoreError
+from worker.service.quotas import QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ def invalid_dataset(exc: DataError, root: Path) -> ApiError:
     return ApiError(400, "invalid_dataset", message, file=file, line=exc.line, field=exc.field)
 
 
+def too_many_files(what: str, limit: int, setting: str) -> ApiError:
+    """413 for an upload or an archive with more files than `setting` allows."""
+    return ApiError(413, "too_many_files", f"{what} holds more than {limit} files ({setting})", limit=limit,
+                    setting=setting)
+
+
 _STORE_STATUS = {"not_found": 404, "dataset_not_ready": 409, "invalid_transition": 409, "idempotency_conflict": 409}
 
 
@@ -129,6 +136,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, str(exc), **exc.extra), status_code=_STORE_STATUS.get(exc.code, 409))
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        # A tenant at one of its limits (jobs, datasets, stored bytes): 429, the limit named in the body.
+        return JSONResponse(error_body("quota_exceeded", exc.message, **exc.details()), status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

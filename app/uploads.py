@@ -14,7 +14,7 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import ApiError
+from app.errors import ApiError, too_many_files
 from app.filenames import refused_magic, safe_name
 from worker.service.records import FileInfo
 
@@ -24,7 +24,8 @@ OVERHEAD = 1 << 20
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "upload_too_large", f"the upload is larger than the limit of {limit} bytes", limit=limit)
+    return ApiError(413, "upload_too_large", f"the upload is larger than the limit of {limit} bytes "
+                    "(DEALREC_MAX_UPLOAD_BYTES)", limit=limit, setting="DEALREC_MAX_UPLOAD_BYTES")
 
 
 @dataclass
@@ -40,9 +41,10 @@ class _Part:
 class _Receiver:
     """python-multipart callbacks writing each `files` part to `dest/<safe name>`."""
 
-    def __init__(self, dest: Path, limit: int) -> None:
+    def __init__(self, dest: Path, limit: int, max_files: int) -> None:
         self.dest = dest
         self.limit = limit
+        self.max_files = max_files
         self.total = 0
         self.files: list[FileInfo] = []
         self.part: _Part | None = None
@@ -80,6 +82,8 @@ class _Receiver:
         if raw is None:
             raise ApiError(400, "invalid_request", "every 'files' part needs a file name", field=FIELD)
         name = safe_name(raw.decode("utf-8", "replace"), allow_archives=True)
+        if len(self.files) >= self.max_files:  # before this one is written: the count, not the bytes, is past
+            raise too_many_files("the upload", self.max_files, "DEALREC_MAX_UPLOAD_FILES")
         if any(f.name == name for f in self.files):
             raise ApiError(400, "duplicate_file", f"two files named '{name}'", file=name)
         part.name = name
@@ -120,8 +124,9 @@ class _Receiver:
             self.part.out.close()
 
 
-async def receive_files(request: Request, dest: Path, limit: int) -> list[FileInfo]:
-    """Write every `files` part of the multipart body to `dest`; returns what was written."""
+async def receive_files(request: Request, dest: Path, limit: int, max_files: int) -> list[FileInfo]:
+    """Write every `files` part of the multipart body to `dest`; returns what was written. 413 past
+    `limit` bytes or `max_files` files."""
     ctype, opts = parse_options_header(request.headers.get("content-type", ""))
     boundary = opts.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -129,7 +134,7 @@ async def receive_files(request: Request, dest: Path, limit: int) -> list[FileIn
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + OVERHEAD:
         raise too_large(limit)  # refuse before reading a byte
-    receiver = _Receiver(dest, limit)
+    receiver = _Receiver(dest, limit, max_files)
     parser = MultipartParser(boundary, receiver.callbacks())
     received = 0
     try:

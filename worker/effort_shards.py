@@ -111,10 +111,10 @@ def _run_shard(store: JobStore, files: Files, settings: Settings, job, plan: dic
         return _fail(store, job_id, "internal_error", f"effort shard {index}: {type(exc).__name__}: {exc}")
 
 
-def _fail(store: JobStore, job_id: str, code: str, message: str, **extra) -> str:
+def _fail(store: JobStore, job_id: str, code: str, message: str, /, **extra) -> str:
     from worker.service.jobstore import StoreError
 
-    extra.pop("message", None)
+    extra.pop("message", None)  # as JobRunner.fail: a loader error dict passed as **extra
     try:
         store.transition(job_id, "failed", handoff=None, error={"code": code, "message": message, **extra})
         store.add_event(job_id, f"job failed: {message}", level="error", code=code)

@@ -161,8 +161,8 @@ class JobRunner:
         self.store.add_event(self.job_id, "job cancelled", level="warning")
         return Outcome("cancelled")
 
-    def fail(self, code: str, message: str, **extra) -> Outcome:
-        extra.pop("message", None)
+    def fail(self, code: str, message: str, /, **extra) -> Outcome:
+        extra.pop("message", None)  # a loader error dict passed as **extra: `message` (positional) says it whole
         log.warning("job %s failed: %s: %s", self.job_id, code, message)
         self.files.remove(self.files.job_dir(self.job_id))
         try:

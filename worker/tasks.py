@@ -20,9 +20,12 @@ from celery.signals import worker_ready, worker_shutdown
 
 from core.data.errors import clip
 from worker.celery_app import TASK_EFFORT_SHARD, TASK_RUN, TASK_SWEEP, TASK_VALIDATE, app, send
+from worker.service.dispatch import recover_dispatch, release_held
 from worker.service.files import Files
 from worker.service.handoffs import confirm_handoff
 from worker.service.jobstore import JobStore
+from worker.service.quotas import TenantQuotas
+from worker.service.records import TERMINAL
 from worker.service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 def _context() -> tuple[JobStore, Files]:
     settings = get_settings()
     return JobStore.from_settings(settings), Files(settings.data_dir)
+
+
+@lru_cache(maxsize=1)
+def _quotas() -> TenantQuotas:
+    return TenantQuotas.from_settings(_context()[0], get_settings())
 
 
 @app.task(name=TASK_VALIDATE, bind=True, acks_late=True, time_limit=get_settings().validate_time_limit_s + 30,
@@ -59,6 +67,8 @@ def run_job(self, job_id: str, queue: str) -> str:
     job = store.get_job(job_id)
     if job is None or job.status not in ("queued", "running"):
         log.info("job %s: nothing to do (%s)", job_id, job.status if job else "expired")
+        if job is not None:  # ended elsewhere (a chord's body after a shard failed the job): its slot is free
+            release_held(store, _quotas(), app, job.tenant)
         return job.status if job else "missing"
     lock = store.job_lock(job_id, settings.lock_ttl_s)
     if not lock.acquire():
@@ -73,6 +83,8 @@ def run_job(self, job_id: str, queue: str) -> str:
         # Run it again later: finished stages are recorded, their artifacts are in the cache.
         log.warning("job %s: job store unavailable (%s); retrying", job_id, exc)
         raise self.retry(countdown=settings.lock_ttl_s, exc=exc) from exc
+    if outcome.status in TERMINAL:  # its quota slot is free: the tenant's next held job goes to the workers
+        release_held(store, _quotas(), app, job.tenant)
     if outcome.shards:
         try:
             send_shards(job_id, outcome.shards, outcome.shard_queue)
@@ -175,7 +187,8 @@ def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
 class _Heartbeat:
     """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
     cannot answer Celery's control.ping, yet it is there. The same thread looks for stalled jobs
-    (one worker per period) and removes stale temporary folders (every worker, cheap: a partial
+    (one worker per period), for held jobs a dead process left unsent (worker/service/dispatch.py),
+    and removes stale temporary folders (every worker, cheap: a partial
     upload an API left when it died goes within minutes, not at the next worker start)."""
 
     def __init__(self) -> None:
@@ -198,6 +211,8 @@ class _Heartbeat:
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + settings.lock_ttl_s
                     requeue_stalled_jobs(store, settings, self.name)
+                    # Held or released jobs a dead process left unsent (every worker; each entry is claimed once).
+                    recover_dispatch(store, _quotas(), app, settings.lock_ttl_s)
             except redis.RedisError as exc:
                 log.warning("heartbeat not written: %s", exc)
             if time.monotonic() >= next_sweep:

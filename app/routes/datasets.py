@@ -36,6 +36,7 @@ async def upload_dataset(request: Request, tenant: str = Depends(require_tenant)
     file, line and field, and nothing stored); a worker then validates them in full (`validating` ->
     `ready` | `invalid`)."""
     ctx = get_ctx(request)
+    await run_in_threadpool(ctx.quotas.check_storage, tenant)  # a tenant at its limits: 429 before the body
     tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
     try:
         files = await _receive(request, ctx, tmp, tmp / "files")
@@ -70,6 +71,7 @@ async def extend_dataset(dataset_id: openapi.DatasetId, request: Request, tenant
         raise not_found("dataset", dataset_id)
     if parent.status != "ready":
         raise ApiError(409, "dataset_not_ready", f"dataset {dataset_id} is {parent.status}, not ready")
+    await run_in_threadpool(ctx.quotas.check_storage, tenant)  # a version is a dataset of its own
     tmp = await run_in_threadpool(ctx.files.tmp_dir, "upload")
     try:
         await _receive(request, ctx, tmp, tmp / "addition")
@@ -105,13 +107,13 @@ async def _receive(request: Request, ctx: ServiceContext, tmp: Path, dest: Path)
     s = ctx.settings
     raw = tmp / "raw"
     raw.mkdir()
-    files = await receive_files(request, raw, s.max_upload_bytes)
+    files = await receive_files(request, raw, s.max_upload_bytes, s.max_upload_files)
     archives = [f for f in files if is_archive(f.name)]
     if archives:
         if len(files) != 1:
             raise ApiError(400, "invalid_request", "send either one archive or the data files, not both")
         return await run_in_threadpool(unpack, raw / archives[0].name, dest, s.max_unpacked_bytes,
-                                       s.max_archive_files)
+                                       s.max_archive_files, s.max_archive_ratio)
     os.rename(raw, dest)
     return files
 
@@ -130,9 +132,10 @@ def _precheck(folder: Path) -> None:
 
 
 def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
-    """Record, then files into place, then the validation task: each step only once the one before
-    it held, and undone if the queue refuses the task."""
-    ctx.store.create_dataset(rec)
+    """Record (within the tenant's dataset count and stored bytes: 429 past them), then files into
+    place, then the validation task: each step only once the one before it held, and undone if the
+    queue refuses the task."""
+    ctx.quotas.admit_dataset(rec)
     try:
         final = ctx.files.dataset_files(rec.id)
         final.parent.mkdir(parents=True, exist_ok=True)

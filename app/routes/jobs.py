@@ -12,6 +12,7 @@ from app import openapi
 from app.auth import require_tenant
 from app.context import ServiceContext, checked_id, get_ctx
 from app.errors import ApiError, not_found
+from worker.service.dispatch import release_held
 from worker.service.jobs import JobRequestError, create_prune_job
 from worker.service.jobstore import MAX_EVENT_ID, StoreError
 from worker.service.records import TERMINAL, JobRecord
@@ -40,7 +41,8 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
     ctx = get_ctx(request)
     checked_id("ds", req.dataset_id, "dataset")
     try:
-        job, created = create_prune_job(ctx.store, ctx.celery, ctx.settings, ctx.llms, tenant, req, idempotency_key)
+        job, created = create_prune_job(ctx.store, ctx.celery, ctx.settings, ctx.llms, tenant, req, idempotency_key,
+                                        quotas=ctx.quotas)
     except JobRequestError as exc:
         raise ApiError(exc.status, exc.code, exc.message, **exc.extra) from None
     out = JobOut.of(job)
@@ -94,7 +96,10 @@ def cancel_job(job_id: openapi.JobId, request: Request, tenant: str = Depends(re
         if exc.code == "invalid_transition":  # it finished in the meantime
             raise _finished(job_id, exc.extra.get("status")) from None
         raise
-    return JobOut.of(_job(ctx, job_id, tenant))
+    job = _job(ctx, job_id, tenant)
+    if job.status in TERMINAL:  # ended now: its quota slot is free for the tenant's next held job
+        release_held(ctx.store, ctx.quotas, ctx.celery, tenant)
+    return JobOut.of(job)
 
 
 def _finished(job_id: str, status: str | None) -> ApiError:

@@ -11,8 +11,10 @@ from typing import Any
 from core.params import ParamsError
 from core.selection.methods import method_names, required_scores
 from worker.celery_app import TASK_RUN, send
+from worker.service.dispatch import send_released
 from worker.service.jobstore import JobStore, new_id
 from worker.service.plan import first_queue
+from worker.service.quotas import TenantQuotas
 from worker.service.records import JobRecord
 from worker.service.requests import PruneRequest, to_config, to_finetune_config
 from worker.service.settings import Settings
@@ -41,10 +43,13 @@ def request_field(field: str) -> str:
 
 
 def create_prune_job(store: JobStore, celery, settings: Settings, llms: dict[str, str], tenant: str,
-                     req: PruneRequest, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+                     req: PruneRequest, idempotency_key: str | None = None, quotas: TenantQuotas | None = None
+                     ) -> tuple[JobRecord, bool]:
     """(the job, whether it was created now): a new queued job with its first task sent, or the
-    earlier job of the same tenant with the same Idempotency-Key and request. Raises JobRequestError
-    (404 unknown dataset, 409 dataset not ready, 422 parameters) and StoreError (idempotency conflict)."""
+    earlier job of the same tenant with the same Idempotency-Key and request; a job past the tenant's
+    DEALREC_TENANT_MAX_RUNNING waits held in Redis (quotas.py) instead of being sent. Raises
+    JobRequestError (404 unknown dataset, 409 dataset not ready, 422 parameters), StoreError
+    (idempotency conflict) and QuotaExceeded (the tenant's job limit)."""
     dataset = store.get_dataset(req.dataset_id, tenant)
     if dataset is None:
         # The same answer for "does not exist" and "belongs to another tenant": nothing leaks.
@@ -78,16 +83,21 @@ def create_prune_job(store: JobStore, celery, settings: Settings, llms: dict[str
     job = JobRecord(id=new_id("job"), tenant=tenant, dataset_id=req.dataset_id, queue=queue, request=body,
                     params=params)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    job, created = store.create_job(job, idempotency_key, digest)
-    if created:
-        # Before the task exists, so that it is the job's first event whatever the worker does.
-        store.add_event(job.id, "job queued", queue=queue)
+    quotas = quotas or TenantQuotas.from_settings(store, settings)
+    # Raises QuotaExceeded (429) past the tenant's job limit. The job's first event ("job queued",
+    # held or not) is written with it, before any worker can write one.
+    admission = quotas.admit_job(job, idempotency_key, digest, announce=True)
+    if admission.created and not admission.held:
         try:
             send(celery, TASK_RUN, [job.id, queue], queue)
         except Exception:
-            # Never leave a job queued that no worker will ever see.
+            # Never leave a job queued that no worker will ever see (failing it frees its quota slot).
+            quotas.dispatched([job.id])
             store.transition(job.id, "failed", error={"code": "enqueue_failed",
                                                       "message": "the task queue refused the job"})
             store.add_event(job.id, "job failed: the task queue refused it", level="error")
             raise
-    return job, created
+        quotas.dispatched([job.id])
+    # Older held jobs of the tenant whose release a dead process missed (rare: the reaper's job too).
+    send_released(store, quotas, celery, [i for i in admission.send if i != job.id])
+    return admission.job, admission.created

@@ -9,6 +9,10 @@ Layout (all under the configurable prefix, default `dealrec:`):
     job:<id>:lock            the worker that runs the job (token), with a TTL its heartbeat renews
     tenant:<t>:datasets      sorted set (all scores 0) of dataset ids: ids sort by creation time
     tenant:<t>:jobs          sorted set (all scores 0) of job ids, the same way
+    tenant:<t>:active        set of the tenant's queued and running jobs (its job quota; quotas.py)
+    tenant:<t>:held          list of its queued jobs not yet handed to the broker (fair dispatch)
+    tenant:<t>:storage       hash: dataset id -> bytes of its stored files (dataset and byte quotas)
+    dispatching              sorted set: job id -> when (ms) it was released to the broker; left once its task is sent
     idem:<t>:<sha256(key)>   "<job id> <request hash>" for an Idempotency-Key
     metrics:jobs             hash: current queued/running counts, cumulative finished counts
     metrics:stage_seconds    hash: stage -> summed seconds;  metrics:stage_count: stage -> runs
@@ -108,6 +112,12 @@ def _clipped(error: dict[str, Any]) -> dict[str, Any]:
     return {k: clip(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
+def event_json(message: str, level: str = "info", **data: Any) -> str:
+    """A job event as stored, without its id (the script that appends it adds the id)."""
+    return json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": clip(message), "data": data},
+                      separators=(",", ":"), default=str)
+
+
 def _dump(model: BaseModel) -> dict[str, str]:
     return _encode(model.model_dump(mode="json"))
 
@@ -126,7 +136,6 @@ class JobStore:
         self.prefix = prefix
         self.job_ttl_s = job_ttl_s
         self._update_if = client.register_script(lua.UPDATE_IF)
-        self._create_job = client.register_script(lua.CREATE_JOB)
         self._delete_dataset = client.register_script(lua.DELETE_DATASET)
         self._append_event = client.register_script(lua.APPEND_EVENT)
         self._renew_lock = client.register_script(lua.RENEW_LOCK)
@@ -169,10 +178,10 @@ class JobStore:
 
     # ---- datasets -----------------------------------------------------------------------------
     def create_dataset(self, rec: DatasetRecord) -> None:
-        with self.r.pipeline() as p:  # MULTI/EXEC: the record and its index appear together
-            p.hset(self._dataset(rec.id), mapping=_dump(rec))
-            p.zadd(self._index(rec.tenant, "datasets"), {rec.id: 0})
-            p.execute()
+        """Record a dataset with no limit (the API goes through quotas.TenantQuotas.admit_dataset)."""
+        from worker.service.quotas import Limits, TenantQuotas  # it builds on this module
+
+        TenantQuotas(self, Limits()).admit_dataset(rec)
 
     def get_dataset(self, dataset_id: str, tenant: str | None = None) -> DatasetRecord | None:
         rec = _load(DatasetRecord, self.r.hgetall(self._dataset(dataset_id)))
@@ -188,7 +197,7 @@ class JobStore:
     def delete_dataset(self, tenant: str, dataset_id: str) -> str:
         """'deleted', 'busy' (a job uses it) or 'missing'."""
         return self._delete_dataset(keys=[self._dataset(dataset_id), self._dataset_jobs(dataset_id),
-                                          self._index(tenant, "datasets")],
+                                          self._index(tenant, "datasets"), self._index(tenant, "storage")],
                                     args=[dataset_id, json.dumps(tenant)])
 
     def list_datasets(self, tenant: str, cursor: str | None = None, limit: int = 50
@@ -198,31 +207,13 @@ class JobStore:
     # ---- jobs ---------------------------------------------------------------------------------
     def create_job(self, rec: JobRecord, idempotency_key: str | None = None, request_hash: str = ""
                    ) -> tuple[JobRecord, bool]:
-        """JobStore a queued job; returns (job, created). With an idempotency key already used by this
-        tenant, returns the earlier job (created False) or raises `idempotency_conflict` when the
-        earlier request differs."""
-        idem_key = self._idem(rec.tenant, idempotency_key) if idempotency_key else self.key("idem", "-")
-        value = f"{rec.id} {request_hash}" if idempotency_key else ""
-        status, detail = self._create_job(
-            keys=[self._job(rec.id), self._index(rec.tenant, "jobs"), self._dataset(rec.dataset_id),
-                  self._dataset_jobs(rec.dataset_id), idem_key, self._metrics("jobs")],
-            args=[rec.id, json.dumps(_dump(rec)), value, self.job_ttl_s, json.dumps(rec.tenant)])
-        if status == "existing":
-            job_id, _, old_hash = detail.partition(" ")
-            if old_hash != request_hash:
-                raise StoreError("idempotency_conflict",
-                                 "this Idempotency-Key was used with a different request", job_id=job_id)
-            old = self.get_job(job_id)
-            if old is None:  # expired together with its job: the key is free again
-                self.r.delete(idem_key)
-                return self.create_job(rec, idempotency_key, request_hash)
-            return old, False
-        if status == "no_dataset":
-            raise StoreError("not_found", f"dataset {rec.dataset_id} not found")
-        if status == "dataset_not_ready":
-            raise StoreError("dataset_not_ready", f"dataset {rec.dataset_id} is {detail}, not ready",
-                             dataset_status=detail)
-        return rec, True
+        """A queued job with no limit (the API goes through quotas.TenantQuotas.admit_job); returns
+        (job, created), or the earlier job of this tenant's idempotency key (created False), or raises
+        `idempotency_conflict` when the earlier request differs. The caller sends its task."""
+        from worker.service.quotas import Limits, TenantQuotas  # it builds on this module
+
+        admission = TenantQuotas(self, Limits()).admit_job(rec, idempotency_key, request_hash)
+        return admission.job, admission.created
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         rec = _load(JobRecord, self.r.hgetall(self._job(job_id)))
@@ -253,11 +244,12 @@ class JobStore:
         fields.setdefault("updated_at", now)
         if new in TERMINAL:
             fields.setdefault("finished_at", now)
-        dataset_id = json.loads(self.r.hget(self._job(job_id), "dataset_id") or "null")
+        dataset_id, tenant = (json.loads(v or "null") for v in self.r.hmget(self._job(job_id), "dataset_id", "tenant"))
         terminal = new in TERMINAL
-        res, prev = self._update_if(
+        res, prev = self._update_if(  # a terminal job also leaves its tenant's quota (quotas.py)
             keys=[self._job(job_id), self._metrics("jobs"),
-                  self._dataset_jobs(dataset_id) if dataset_id else self.key("none"), self._events(job_id)],
+                  self._dataset_jobs(dataset_id) if dataset_id else self.key("none"), self._events(job_id),
+                  self._index(tenant or "-", "active"), self._index(tenant or "-", "held")],
             args=[json.dumps(allowed), new, json.dumps(_encode(fields)), self.job_ttl_s if terminal else 0,
                   job_id if terminal else "", "1", require])
         if res == "missing":
@@ -324,9 +316,7 @@ class JobStore:
 
     # ---- events -------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, level: str = "info", **data: Any) -> int:
-        body = json.dumps({"created_at": utcnow().isoformat(), "level": level, "message": clip(message), "data": data},
-                          separators=(",", ":"), default=str)
-        return int(self._append_event(keys=[self._events(job_id)], args=[body]))
+        return int(self._append_event(keys=[self._events(job_id)], args=[event_json(message, level, **data)]))
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> tuple[list[JobEvent], bool]:
         """Events with id > after, oldest first, and whether more follow (`after` past MAX_EVENT_ID:

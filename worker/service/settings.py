@@ -61,6 +61,20 @@ class Settings(BaseModel):
     # A temporary folder (a partial upload, a job's outputs being written) in which nothing changed
     # for this long is removed by the workers' periodic sweep.
     stale_upload_s: int = Field(900, ge=1)
+    max_upload_files: int = Field(1000, ge=1)  # files in one plain multipart upload (archives: max_archive_files)
+    # An archive that unpacks to more than this many times its own size is refused while it is
+    # unpacked (a zip bomb); real data compresses 2-10x (the Games files: 2.2x).
+    max_archive_ratio: float = Field(100.0, ge=1.0)
+
+    # Per tenant (worker/service/quotas.py). Past one of the first four, the API answers 429 with
+    # Retry-After: tenant_retry_after_s.
+    tenant_max_jobs: int = Field(100, ge=1)  # queued + running jobs (those held for fair dispatch included)
+    # Jobs of one tenant handed to the workers at once; its other queued jobs wait in a list of its
+    # own in Redis, so one tenant's burst never stands in the broker's queue before another's job.
+    tenant_max_running: int = Field(4, ge=1)
+    tenant_max_datasets: int = Field(1000, ge=1)  # datasets kept (ready, validating or invalid)
+    tenant_max_bytes: int = Field(100 << 30, ge=1)  # bytes of the datasets' stored files
+    tenant_retry_after_s: int = Field(30, ge=1)
 
     # API
     api_keys: str = ""
