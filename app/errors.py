@@ -51,7 +51,7 @@ class ErrorDetail(BaseModel):
     details: list[FieldProblem] | None = Field(None, description="422: each field at fault, one entry per field")
     file: str | None = Field(None, description="the uploaded file at fault, by its name in the upload")
     line: int | None = Field(None, description="its line (1-based), where one is at fault")
-    limit: int | None = Field(None, description="the server's limit that was passed (bytes, seconds)")
+    limit: int | float | None = Field(None, description="the limit passed (bytes, seconds, files, a ratio)")
     status: str | None = Field(None, description="the job's status, where it forbids what was asked")
 
 
