@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.config import PruneConfig
+from core.config import PruneConfig, SurrogateConfig
 
 
 class ParamsError(ValueError):
@@ -114,11 +114,47 @@ class PruneOverrides(BaseModel):
     lora_dropout: float | None = None
 
 
+# The most memory the `direct` influence solver's dense Hessian may take. It is float64 and holds
+# (parameter size)^2 values: 134 MB at the default hidden size 64, 2.1 GB at 128, 12.8 GB at 200, more
+# than a worker should take for one matrix (solving it copies it twice more: + damping I, Cholesky).
+MAX_DIRECT_HESSIAN_BYTES = 1 << 30
+
+
+def direct_hessian_bytes(surrogate: SurrogateConfig) -> int:
+    """Bytes of the dense float64 Hessian `influence.solver = "direct"` builds. The influence parameter
+    is the weight of one nn.Linear of SASRec, and every one of them is hidden_size x hidden_size
+    (core/surrogate/model.py; tests/test_direct_solver_bound.py checks it), so the Hessian holds
+    hidden_size^4 values, whichever layer `influence.parameter` names."""
+    n = surrogate.hidden_size ** 2
+    return 8 * n * n
+
+
+def check_direct_solver(cfg: PruneConfig) -> None:
+    """Refuse `direct` where its Hessian would pass MAX_DIRECT_HESSIAN_BYTES (ParamsError on
+    influence.solver, naming surrogate.hidden_size, the size, and the solvers that need no Hessian)."""
+    if cfg.influence.solver != "direct":
+        return
+    size = direct_hessian_bytes(cfg.surrogate)
+    if size <= MAX_DIRECT_HESSIAN_BYTES:
+        return
+    largest = int(round((MAX_DIRECT_HESSIAN_BYTES / 8) ** 0.25)) + 1
+    while 8 * largest ** 4 > MAX_DIRECT_HESSIAN_BYTES:  # the float root may be one off either way
+        largest -= 1
+    largest -= largest % cfg.surrogate.num_heads  # a hidden size the heads divide
+    n = cfg.surrogate.hidden_size ** 2
+    raise ParamsError("influence.solver", (
+        f"'direct' builds the dense float64 Hessian of the influence parameter, {n:,} x {n:,} values at "
+        f"surrogate.hidden_size {cfg.surrogate.hidden_size}: {size / (1 << 30):.2f} GiB, over the "
+        f"{MAX_DIRECT_HESSIAN_BYTES / (1 << 30):g} GiB it may take; use influence.solver 'lissa' or 'cg' (they "
+        f"never build it), or a surrogate.hidden_size of at most {largest} with 'direct'"))
+
+
 def resolve(overrides: PruneOverrides, n_samples: int) -> PruneConfig:
     """The `PruneConfig` of a run on `n_samples` samples: the method's own defaults (its registry
     entry) beneath the caller's overrides, the budget resolved against N, one seed for every stage
     but the effort (whose LoRA seed stays the default, so the effort scores are shared by all seeds).
-    Raises ParamsError naming the first bad field."""
+    Raises ParamsError naming the first bad field, or the field of a rule across fields it breaks
+    (`check_direct_solver`)."""
     from core.selection.methods import get_method
 
     o = overrides
@@ -144,4 +180,6 @@ def resolve(overrides: PruneOverrides, n_samples: int) -> PruneConfig:
                                   loss=o.effort_loss, length_correction=o.effort_length_correction,
                                   lora_r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout)},
     }
-    return validated(PruneConfig, raw)
+    cfg = validated(PruneConfig, raw)
+    check_direct_solver(cfg)
+    return cfg

@@ -27,7 +27,8 @@ def available_cores() -> int:
 # A parameter error names the flag that set it, where there is one.
 FLAGS = {"selection.budget": "--budget", "selection.method": "--method", "selection.lambda": "--lambda",
          "selection.strata": "--strata", "selection.hard_prune": "--hard-prune", "seed": "--seed",
-         "surrogate.epochs": "--epochs", "effort.cutoff_len": "--cutoff-len", "effort.processes": "--effort-processes"}
+         "surrogate.epochs": "--epochs", "effort.cutoff_len": "--cutoff-len", "effort.processes": "--effort-processes",
+         "influence.solver": "--solver"}
 
 
 def usage_error(exc) -> UsageError:

@@ -144,6 +144,18 @@ def test_invalid_params_are_422_naming_the_field(api, dataset, body, field):
     assert len(api("GET", "/v1/jobs?limit=200").json()["items"]) == before
 
 
+def test_the_direct_solver_past_its_memory_bound_is_422(api, dataset):
+    """A dense Hessian of 2 GiB (hidden size 128) is refused before the job exists (core.params.check_direct_solver)."""
+    before = len(api("GET", "/v1/jobs?limit=200").json()["items"])
+    r = _prune(api, dataset["id"], budget=4, method="influence",
+               params={"surrogate": {"hidden_size": 128}, "influence": {"solver": "direct"}})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["field"]) == ("invalid_request", "params.influence.solver"), err
+    assert "surrogate.hidden_size 128" in err["message"] and "'lissa' or 'cg'" in err["message"], err
+    assert len(api("GET", "/v1/jobs?limit=200").json()["items"]) == before
+
+
 def test_missing_dataset_is_404(api):
     r = _prune(api, "ds_0000000000000000000000", budget=4)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
