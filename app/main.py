@@ -9,7 +9,7 @@ import logging
 
 from fastapi import FastAPI
 
-from app import errors
+from app import errors, openapi
 from app.auth import Authenticator, load_keys
 from app.context import ServiceContext
 from app.routes import console, datasets, docs, jobs, ops
@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(ops.router)
     app.include_router(console.router)  # the web console at /
+    openapi.state_limits(app, settings)  # the schema states this server's limits (files per upload)
     folder = docs.assets_dir()
     if folder is not None:
         app.include_router(docs.router(folder, app.openapi_url or "/openapi.json", app.title))

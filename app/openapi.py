@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Path
+from fastapi import FastAPI, Path
 
 from app.auth import API_KEY_SCHEME, METRICS_TOKEN_SCHEME
 from app.errors import ErrorBody
@@ -20,6 +20,7 @@ from app.filenames import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS
 from core.data.tables import MAX_LINE_BYTES
 from worker.service.jobstore import id_pattern
 from worker.service.responses import JobOut
+from worker.service.settings import Settings
 
 Responses = dict[int | str, dict[str, Any]]
 
@@ -68,13 +69,15 @@ _UPLOAD_ERRORS: Responses = {
                "a part other than `files`, or none"),
     408: error("the upload stalled for longer than the server keeps partial uploads (`error.limit` seconds)"),
     413: error("the upload, or an archive once unpacked, is over the server's size limit (`error.limit` bytes), or "
-               "the archive holds too many files"),
+               "the upload or the archive holds too many files (`error.limit` files)"),
     415: error("the body is not multipart/form-data, or a file is of a refused type: NumPy or pickle (by name or "
                "content), or an extension no loader reads"),
 }
 
 # The multipart body of both upload routes (the routes stream it themselves: app/uploads.py): one or
-# more `files` parts and nothing else (another field is a 400), each with a file name.
+# more `files` parts and nothing else (another field is a 400), each with a file name; at most the
+# server's DEALREC_MAX_UPLOAD_FILES of them (a 413 past it): `state_limits` adds that maxItems, the
+# app factory being the one that knows the server's settings.
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"], "additionalProperties": False,
     "properties": {"files": {
@@ -82,8 +85,31 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
         "description": "the dataset's files (DEALRec layout, interaction log + items table, RecBole atomic files) or "
                        "one .zip / .tar.gz holding them, each part with its file name: "
                        f"{', '.join(DATA_EXTENSIONS + ARCHIVE_EXTENSIONS)} (NumPy and pickle files are refused); "
-                       f"text in UTF-8 (Parquet aside), no line over {MAX_LINE_BYTES >> 20} MiB; the whole upload "
-                       "within the server's DEALREC_MAX_UPLOAD_BYTES"}}}}}}}
+                       f"text in UTF-8 (Parquet aside), no line over {MAX_LINE_BYTES >> 20} MiB; at most "
+                       "DEALREC_MAX_UPLOAD_FILES parts, the whole upload within the server's "
+                       "DEALREC_MAX_UPLOAD_BYTES"}}}}}}}
+
+
+def state_limits(app: FastAPI, settings: Settings) -> None:
+    """The app's schema states this server's limits: the upload routes' `files` get `maxItems` =
+    DEALREC_MAX_UPLOAD_FILES. Written into the schema each app generates (FastAPI's documented way
+    to extend it), not into the routes' `openapi_extra`: the routers are module-level, shared by every
+    app of the process, and FastAPI's generated schema is a fresh copy (jsonable_encoder), so two
+    apps with other settings never see each other's value."""
+    generate = app.openapi
+
+    def openapi_with_limits() -> dict[str, Any]:
+        schema = generate()  # cached by FastAPI; setting the value again is idempotent
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                content = op.get("requestBody", {}).get("content", {}) if isinstance(op, dict) else {}
+                files = content.get("multipart/form-data", {}).get("schema", {}).get("properties", {}).get("files")
+                if files is not None:
+                    files["maxItems"] = settings.max_upload_files
+        return schema
+
+    app.openapi = openapi_with_limits  # type: ignore[method-assign]
+
 
 UPLOAD = tenant_route(_UPLOAD_ERRORS, quota=True)
 NEW_VERSION = tenant_route({

@@ -240,6 +240,11 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 
 def test_too_many_files_and_too_compressed_archives_are_413(svc):
+    # The schema states this server's limit on the parts of both upload routes, and the API enforces it.
+    paths = svc.client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/datasets", "/v1/datasets/{dataset_id}/versions"):
+        files = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+        assert files["maxItems"] == int(LIMITS["DEALREC_MAX_UPLOAD_FILES"]), (path, files)
     before = len(svc("GET", "/v1/datasets", tenant="files").json()["items"])
     extra = {f"notes{i}.txt": b"x\n" for i in range(2)}  # 5 data files + 2 = 7 > DEALREC_MAX_UPLOAD_FILES
     r = svc("POST", "/v1/datasets", tenant="files", files=multipart({**TINY, **extra}))

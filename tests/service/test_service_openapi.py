@@ -128,10 +128,12 @@ def test_the_budget_schema_is_what_the_api_accepts(spec, http):
         assert r.status_code == 422 and r.json()["error"]["field"] == "budget", (bad, r.text)
 
 
-def test_the_upload_body_is_what_the_api_accepts(spec, http):
+def test_the_upload_body_is_what_the_api_accepts(spec, http, settings):
     body = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["additionalProperties"] is False and body["required"] == ["files"]
     assert body["properties"]["files"]["minItems"] == 1
+    # this server's DEALREC_MAX_UPLOAD_FILES (test_service_limits.py: a server with another value says it)
+    assert body["properties"]["files"]["maxItems"] == settings.max_upload_files
     assert ".parquet" in body["properties"]["files"]["description"]
     # another field beside `files`, or no file at all: 400, as additionalProperties and minItems say
     other = http.post("/v1/datasets", headers=auth("acme"), data={"note": "x"},
