@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,17 @@ class WorkerProcess:
 
     def tail(self, n: int = 4000) -> str:
         return read_tail(self.log, n)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The worker process stopped (SIGSTOP) while a test queues jobs: none of them can end meanwhile
+        and free a slot, so what is held and what is refused does not depend on timing."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no ack; the job's message stays unacked in Redis."""

@@ -11,14 +11,11 @@ the reaper; the checks hold under concurrent requests."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import signal
 import threading
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -118,22 +115,10 @@ def _time(job: dict, field: str) -> datetime:
     return datetime.fromisoformat(job[field].replace("Z", "+00:00"))
 
 
-@contextmanager
-def paused(worker: WorkerProcess) -> Iterator[None]:
-    """The worker process stopped (SIGSTOP) while a test queues jobs: none of them can end meanwhile
-    and free a slot, so what is held and what is refused does not depend on timing."""
-    assert worker.proc is not None
-    os.kill(worker.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(worker.proc.pid, signal.SIGCONT)
-
-
 def test_a_full_tenant_gets_429_and_another_tenants_job_starts_at_once(svc):
     burst, calm = _ready(svc, "burst"), _ready(svc, "calm")
     jobs = []
-    with paused(svc.worker):
+    with svc.worker.paused():
         for seed in range(3):
             r = _prune(svc, burst["id"], "burst", seed=seed)
             assert r.status_code == 202, r.text
@@ -171,7 +156,7 @@ def test_a_full_tenant_gets_429_and_another_tenants_job_starts_at_once(svc):
 
 def test_cancelled_jobs_free_their_slots_and_release_the_next(svc):
     d = _ready(svc, "cancels")
-    with paused(svc.worker):
+    with svc.worker.paused():
         jobs = [_prune(svc, d["id"], "cancels", seed=i).json() for i in range(3)]
         _quota_error(_prune(svc, d["id"], "cancels", seed=7), "jobs", 3, 3)
         # A held job cancelled: out of the held list and the quota at once, never sent.
@@ -195,7 +180,7 @@ def test_cancelled_jobs_free_their_slots_and_release_the_next(svc):
 
 def test_failed_jobs_free_their_slots_and_release_the_next(svc):
     d = _ready(svc, "fails")
-    with paused(svc.worker):
+    with svc.worker.paused():
         jobs = [_prune(svc, d["id"], "fails", seed=i).json() for i in range(2)]
         assert svc.quotas().job_usage("fails") == {"active": 2, "held": 1}
         # The dataset's files gone under the jobs: the worker cannot load them, every job fails.
