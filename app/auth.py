@@ -4,15 +4,17 @@ Keys come from `DEALREC_API_KEYS="tenant1:key1,tenant2:key2"` and/or the file na
 `DEALREC_API_KEYS_FILE` (one `tenant:key` per line, `#` comments). Every configured key is compared
 with `hmac.compare_digest`, all of them each time, so timing reveals neither a key nor which one matched.
 
-The metrics token (`DEALREC_METRICS_TOKEN`) is a credential apart: it opens /metrics and shows the
-workers' identities in /readyz, and nothing under /v1; a tenant key does not open /metrics. There is
-no admin key: every key is one tenant's, so no answer carries series per tenant."""
+The metrics tokens are credentials apart, opening nothing under /v1: the metrics token
+(`DEALREC_METRICS_TOKEN`, a scraper's) opens /metrics with the series of every tenant together; the
+admin token (`DEALREC_METRICS_ADMIN_TOKEN`, the operators') opens it with each tenant's series too.
+Either shows the workers' identities in /readyz; a tenant key opens neither."""
 
 from __future__ import annotations
 
 import hmac
 import re
 from pathlib import Path
+from typing import Literal
 
 from fastapi import Request, Security
 from fastapi.security import HTTPBearer
@@ -53,9 +55,13 @@ def load_keys(settings: Settings) -> list[tuple[str, str]]:
     if not keys and not settings.auth_disabled:
         raise ConfigError("no API keys configured: set DEALREC_API_KEYS or DEALREC_API_KEYS_FILE "
                           "(or DEALREC_AUTH_DISABLED=1 to run without authentication)")
-    if settings.metrics_token and any(hmac.compare_digest(settings.metrics_token, key) for _, key in keys):
-        raise ConfigError("DEALREC_METRICS_TOKEN must differ from every API key (a tenant's key must not open "
-                          "/metrics)")
+    for name, token in (("DEALREC_METRICS_TOKEN", settings.metrics_token),
+                        ("DEALREC_METRICS_ADMIN_TOKEN", settings.metrics_admin_token)):
+        if token and any(hmac.compare_digest(token, key) for _, key in keys):
+            raise ConfigError(f"{name} must differ from every API key (a tenant's key must not open /metrics)")
+    if settings.metrics_admin_token and hmac.compare_digest(settings.metrics_admin_token, settings.metrics_token):
+        raise ConfigError("DEALREC_METRICS_ADMIN_TOKEN must differ from DEALREC_METRICS_TOKEN (the plain token must "
+                          "not show the series per tenant)")
     return keys
 
 
@@ -64,11 +70,25 @@ def _bearer(authorization: str | None) -> bytes | None:
     return given.strip().encode() if scheme.lower() == "bearer" and given.strip() else None
 
 
+MetricsScope = Literal["plain", "admin"]
+
+
 class Authenticator:
-    def __init__(self, keys: list[tuple[str, str]], disabled: bool = False, metrics_token: str = "") -> None:
+    def __init__(self, keys: list[tuple[str, str]], disabled: bool = False, metrics_token: str = "",
+                 metrics_admin_token: str = "") -> None:
         self.keys = [(t, k.encode()) for t, k in keys]
         self.disabled = disabled
         self.metrics_token = metrics_token.encode()
+        self.metrics_admin_token = metrics_admin_token.encode()
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """/metrics answers someone: either metrics token is configured (else it is off: 404)."""
+        return bool(self.metrics_token or self.metrics_admin_token)
+
+    def tenants(self) -> list[str]:
+        """Every tenant a key is configured for (the one anonymous tenant when authentication is off)."""
+        return [ANONYMOUS] if self.disabled else sorted({t for t, _ in self.keys})
 
     def _tenant_of_token(self, token: bytes) -> str | None:
         found = None
@@ -88,21 +108,28 @@ class Authenticator:
             raise _unauthorized("invalid API key")
         return found
 
-    def is_metrics_token(self, authorization: str | None) -> bool:
+    def metrics_scope(self, authorization: str | None) -> MetricsScope | None:
+        """What a /metrics request may see: "admin" (the admin token: the series per tenant too),
+        "plain" (the metrics token) or None (neither). Both tokens are compared every time, so the
+        timing does not tell which one was close."""
         token = _bearer(authorization)
-        return bool(self.metrics_token) and token is not None and hmac.compare_digest(token, self.metrics_token)
+        if token is None:
+            return None
+        plain = bool(self.metrics_token) and hmac.compare_digest(token, self.metrics_token)
+        admin = bool(self.metrics_admin_token) and hmac.compare_digest(token, self.metrics_admin_token)
+        return "admin" if admin else "plain" if plain else None
 
     def is_identified(self, authorization: str | None) -> bool:
-        """A configured tenant key or the metrics token (no error either way: for endpoints that answer
+        """A configured tenant key or a metrics token (no error either way: for endpoints that answer
         everyone and tell a caller with a credential more). With authentication disabled a request
         without one is not identified either: every request is then tenant 'default', anonymous ones too."""
         token = _bearer(authorization)
         if token is None:
             return False
-        # Both compared every time: the timing does not tell which kind of credential was sent.
+        # Every kind compared every time: the timing does not tell which kind of credential was sent.
         tenant = self._tenant_of_token(token)
-        metrics = self.is_metrics_token(authorization)
-        return tenant is not None or metrics
+        metrics = self.metrics_scope(authorization)
+        return tenant is not None or metrics is not None
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -115,7 +142,11 @@ def _unauthorized(message: str) -> ApiError:
 API_KEY_SCHEME = HTTPBearer(scheme_name="apiKey", auto_error=False,
                             description="a tenant's API key (DEALREC_API_KEYS): every /v1 route")
 METRICS_TOKEN_SCHEME = HTTPBearer(scheme_name="metricsToken", auto_error=False,
-                                  description="the scrapers' token (DEALREC_METRICS_TOKEN): /metrics")
+                                  description="the scrapers' token (DEALREC_METRICS_TOKEN): /metrics, every "
+                                              "tenant together")
+METRICS_ADMIN_TOKEN_SCHEME = HTTPBearer(scheme_name="metricsAdminToken", auto_error=False,
+                                        description="the operators' token (DEALREC_METRICS_ADMIN_TOKEN): /metrics "
+                                                    "with the series of each tenant too")
 
 
 def require_tenant(request: Request, _declared: object = Security(API_KEY_SCHEME)) -> str:
@@ -123,6 +154,7 @@ def require_tenant(request: Request, _declared: object = Security(API_KEY_SCHEME
     return request.app.state.auth.tenant_of(request.headers.get("authorization"))
 
 
-def declare_metrics_token(_declared: object = Security(METRICS_TOKEN_SCHEME)) -> None:
-    """FastAPI dependency of /metrics, for its schema only: the route checks the token itself (a wrong one
-    is a 401, no token configured a 404)."""
+def declare_metrics_token(_plain: object = Security(METRICS_TOKEN_SCHEME),
+                          _admin: object = Security(METRICS_ADMIN_TOKEN_SCHEME)) -> None:
+    """FastAPI dependency of /metrics, for its schema only (either token: two security requirements, of
+    which one must hold): the route checks the token itself (a wrong one is a 401, none configured a 404)."""

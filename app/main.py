@@ -30,7 +30,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /docs and /redoc from packaged assets (app/routes/docs.py), not FastAPI's CDN-loading pages.
     app = FastAPI(title="dealrec", version="1", description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.ctx = ServiceContext.build(settings)
-    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled, metrics_token=settings.metrics_token)
+    app.state.auth = Authenticator(keys, disabled=settings.auth_disabled, metrics_token=settings.metrics_token,
+                                   metrics_admin_token=settings.metrics_admin_token)
     errors.install(app)
     app.include_router(datasets.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")

@@ -3,6 +3,10 @@ need a client library, and the numbers live in Redis anyway (every API process r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from worker.service.quotas import TenantUsage
+
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -15,7 +19,10 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def render_metrics(snap: dict[str, dict[str, float]], depth: dict[str, int], workers: int, up: int) -> str:
+def render_metrics(snap: dict[str, dict[str, float]], depth: dict[str, int], workers: int, up: int,
+                   tenants: Mapping[str, TenantUsage] | None = None) -> str:
+    """The exposition text. `tenants` (the admin token's scrape only) adds a series per tenant; without
+    it no line names a tenant."""
     lines: list[str] = []
 
     def family(name: str, kind: str, help_: str, samples: list[tuple[str, dict[str, str], float]]) -> None:
@@ -42,4 +49,17 @@ def render_metrics(snap: dict[str, dict[str, float]], depth: dict[str, int], wor
     family("dealrec_workers", "gauge", "Workers with a fresh heartbeat.", [("dealrec_workers", {}, workers)])
     family("dealrec_store_up", "gauge", "1 when the job store (Redis) answered this scrape.",
            [("dealrec_store_up", {}, up)])
+    if tenants is not None:
+        names = sorted(tenants)
+        family("dealrec_tenant_jobs", "gauge",
+               'Jobs of each tenant: state="active" = queued + running, held ones included (its '
+               'DEALREC_TENANT_MAX_JOBS count); state="held" = those of them waiting for a dispatch slot.',
+               [("dealrec_tenant_jobs", {"tenant": t, "state": state}, value) for t in names
+                for state, value in (("active", tenants[t].active), ("held", tenants[t].held))])
+        family("dealrec_tenant_datasets", "gauge",
+               "Datasets each tenant keeps (its DEALREC_TENANT_MAX_DATASETS count).",
+               [("dealrec_tenant_datasets", {"tenant": t}, tenants[t].datasets) for t in names])
+        family("dealrec_tenant_stored_bytes", "gauge",
+               "Bytes of each tenant's stored dataset files (its DEALREC_TENANT_MAX_BYTES count).",
+               [("dealrec_tenant_stored_bytes", {"tenant": t}, tenants[t].bytes) for t in names])
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Path
 
-from app.auth import API_KEY_SCHEME, METRICS_TOKEN_SCHEME
+from app.auth import API_KEY_SCHEME, METRICS_ADMIN_TOKEN_SCHEME, METRICS_TOKEN_SCHEME
 from app.errors import ErrorBody
 from app.filenames import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS
 from core.data.tables import MAX_LINE_BYTES
@@ -152,8 +152,9 @@ TEXT = {"type": "string"}
 JSON_OBJECT = {"type": "object"}
 BINARY = {"type": "string", "format": "binary"}
 
-# /readyz answers anyone; a tenant's key or the metrics token adds the workers' identities.
-OPTIONAL_CREDENTIALS = {"security": [{}, {API_KEY_SCHEME.scheme_name: []}, {METRICS_TOKEN_SCHEME.scheme_name: []}]}
+# /readyz answers anyone; a tenant's key or a metrics token adds the workers' identities.
+OPTIONAL_CREDENTIALS = {"security": [{}, {API_KEY_SCHEME.scheme_name: []}, {METRICS_TOKEN_SCHEME.scheme_name: []},
+                                     {METRICS_ADMIN_TOKEN_SCHEME.scheme_name: []}]}
 READY: Responses = {503: error("Redis is unreachable or no worker is alive (`error.checks` says which)")}
 
 
@@ -168,7 +169,7 @@ def beside_text(responses: Responses) -> Responses:
 
 METRICS = beside_text({
     401: error("no metrics token or another one (a tenant's API key does not open /metrics)", _WWW_AUTHENTICATE),
-    404: error("metrics are off: DEALREC_METRICS_TOKEN is not set"),
+    404: error("metrics are off: neither DEALREC_METRICS_TOKEN nor DEALREC_METRICS_ADMIN_TOKEN is set"),
 })
 
 # Path ids: their exact shape (worker.service.jobstore.id_pattern). One of another shape is answered

@@ -2,10 +2,12 @@
 
 /healthz and /readyz answer without a key (probes carry none). /readyz tells anyone whether Redis
 answers and how many workers are alive; the workers' identities (host:pid) only to a request with a
-tenant's key or the metrics token, since they map the deployment. /metrics answers only the metrics
-token (`DEALREC_METRICS_TOKEN`, a scraper's credential, not a tenant's: queue depth and job counts are
-every tenant's together, one tenant must not watch another's burst); without a token configured it
-is off (404). It has no series per tenant: there is no admin key to show them to."""
+tenant's key or a metrics token, since they map the deployment. /metrics answers only the metrics
+tokens, credentials apart from the tenants' keys (queue depth and job counts are every tenant's
+together: one tenant must not watch another's burst): the metrics token (`DEALREC_METRICS_TOKEN`, a
+scraper's) gets the series of all tenants together and never a tenant's name; the admin token
+(`DEALREC_METRICS_ADMIN_TOKEN`, the operators') gets a series per tenant besides, read from what the
+quotas keep in Redis. With neither token configured /metrics is off (404)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ router = APIRouter(tags=["operations"])
 class ReadyChecks(BaseModel):
     redis: bool = Field(description="Redis answered PING")
     workers: int = Field(description="workers with a fresh heartbeat")
-    worker_ids: list[str] | None = Field(None, description="host:pid of each: only to a tenant's key or the "
+    worker_ids: list[str] | None = Field(None, description="host:pid of each: only to a tenant's key or a "
                                                            "metrics token")
 
 
@@ -49,7 +51,7 @@ def healthz() -> dict:
 @router.get("/readyz", response_model=Readiness, responses=openapi.READY, openapi_extra=openapi.OPTIONAL_CREDENTIALS)
 def readyz(request: Request) -> JSONResponse:
     """Redis answers PING and at least one worker's heartbeat key is fresh: `checks.redis` and
-    `checks.workers` (how many are alive); with a tenant's key or the metrics token also
+    `checks.workers` (how many are alive); with a tenant's key or a metrics token also
     `checks.worker_ids` (host:pid of each). A missing or unknown key is not an error here.
 
     Not Celery's control.ping: its replies travel over Redis pub/sub, which kombu does not prefix
@@ -78,23 +80,29 @@ def readyz(request: Request) -> JSONResponse:
             dependencies=[Depends(declare_metrics_token)])
 def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format: jobs by status, stage durations, queue depth, live workers, for every
-    tenant together. Scrape with `Authorization: Bearer <DEALREC_METRICS_TOKEN>`."""
+    tenant together. Scrape with `Authorization: Bearer <DEALREC_METRICS_TOKEN>`; with
+    `DEALREC_METRICS_ADMIN_TOKEN` also each configured tenant's jobs (active, held), datasets and stored bytes."""
     auth = request.app.state.auth
-    if not auth.metrics_token:
+    if not auth.metrics_enabled:
         raise ApiError(404, "metrics_disabled",
-                       "metrics are off: set DEALREC_METRICS_TOKEN and scrape with 'Authorization: Bearer <token>'")
-    if not auth.is_metrics_token(request.headers.get("authorization")):
+                       "metrics are off: set DEALREC_METRICS_TOKEN (or DEALREC_METRICS_ADMIN_TOKEN) and scrape with "
+                       "'Authorization: Bearer <token>'")
+    scope = auth.metrics_scope(request.headers.get("authorization"))
+    if scope is None:
         raise ApiError(401, "unauthorized", "/metrics needs the metrics token: 'Authorization: Bearer <token>' "
                                             "(DEALREC_METRICS_TOKEN; a tenant's API key does not open it)",
                        headers={"WWW-Authenticate": "Bearer"})
     ctx = get_ctx(request)
+    tenants = None
     try:
         snap = ctx.store.metrics_snapshot()
         depth = ctx.store.queue_depth(QUEUES, ctx.broker)
         workers = len(ctx.store.live_workers())
+        if scope == "admin":
+            tenants = ctx.quotas.usage(auth.tenants())
         up = 1
     except redis.RedisError as exc:
         log.warning("metrics: redis: %s", exc)
         snap, depth, workers, up = {"jobs": {}, "stage_seconds": {}, "stage_count": {}}, {}, 0, 0
-    return PlainTextResponse(render_metrics(snap, depth, workers, up),
+    return PlainTextResponse(render_metrics(snap, depth, workers, up, tenants),
                              media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 redis = pytest.importorskip("redis")
 
-from svc_helpers import KEYS, LIVE, METRICS_TOKEN, ApiServer, auth, read_tail  # noqa: E402
+from svc_helpers import KEYS, LIVE, METRICS_ADMIN_TOKEN, METRICS_TOKEN, ApiServer, auth, read_tail  # noqa: E402
 
 from worker.service.jobstore import JobStore, connect  # noqa: E402
 from worker.service.settings import Settings  # noqa: E402
@@ -53,6 +53,7 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "DEALREC_CACHE_DIR": os.environ.get("DEALREC_TEST_CACHE", str(data / "cache")),
         "DEALREC_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
         "DEALREC_METRICS_TOKEN": METRICS_TOKEN,
+        "DEALREC_METRICS_ADMIN_TOKEN": METRICS_ADMIN_TOKEN,
         "DEALREC_DEVICE": "cpu",
         # A tiny random Llama requests may name as `tiny`: the LLM stages (effort, fine-tuning,
         # evaluation) in seconds, for test_service_finetune.py.

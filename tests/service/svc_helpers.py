@@ -20,9 +20,13 @@ from core.data.synthetic import dealrec_layout_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KEYS = {"acme": "acme-key-0123456789abcdef", "other": "other-key-0123456789abcdef"}
+# "watched": a tenant only test_service_ops.py's per-tenant metrics test uses, so its numbers are known.
+KEYS = {"acme": "acme-key-0123456789abcdef", "other": "other-key-0123456789abcdef",
+        "watched": "watched-key-0123456789abcdef"}
 # The scrapers' token of /metrics (DEALREC_METRICS_TOKEN), no tenant's key.
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
+# The operators' token of /metrics (DEALREC_METRICS_ADMIN_TOKEN): the series per tenant too.
+METRICS_ADMIN_TOKEN = "metrics-admin-token-0123456789abcdef"
 
 
 def auth(tenant: str) -> dict[str, str]:

@@ -40,13 +40,14 @@ def _operations(spec: dict) -> Iterator[tuple[str, str, dict]]:
 def test_the_bearer_schemes_and_who_needs_them(spec):
     schemes = spec["components"]["securitySchemes"]
     assert {name: (s["type"], s["scheme"]) for name, s in schemes.items()} == {
-        "apiKey": ("http", "bearer"), "metricsToken": ("http", "bearer")}
+        "apiKey": ("http", "bearer"), "metricsToken": ("http", "bearer"), "metricsAdminToken": ("http", "bearer")}
     security = {(m, p): op.get("security") for m, p, op in _operations(spec)}
     tenant_routes = [k for k in security if k[1].startswith("/v1/")]
     assert len(tenant_routes) >= 15
     assert all(security[k] == [{"apiKey": []}] for k in tenant_routes), security
-    assert security[("GET", "/metrics")] == [{"metricsToken": []}]
-    assert security[("GET", "/readyz")] == [{}, {"apiKey": []}, {"metricsToken": []}]  # optional: anyone
+    assert security[("GET", "/metrics")] == [{"metricsToken": []}, {"metricsAdminToken": []}]  # either
+    assert security[("GET", "/readyz")] == [{}, {"apiKey": []}, {"metricsToken": []},
+                                            {"metricsAdminToken": []}]  # optional: anyone
     assert security[("GET", "/healthz")] is None
 
 

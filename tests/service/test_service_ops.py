@@ -1,7 +1,7 @@
 """Operational endpoints against the real API, worker and Redis (issue 14, item 7): /readyz names the
-workers (host:pid) only to a tenant's key or the metrics token; /metrics answers only the metrics
-token, and is off (404) where none is configured; /docs and /redoc load every asset from this server,
-under a Content Security Policy that allows no other origin."""
+workers (host:pid) only to a tenant's key or a metrics token; /metrics answers only the metrics tokens,
+is off (404) where none is configured, and shows series per tenant only to the admin token; /docs and
+/redoc load every asset from this server, under a Content Security Policy that allows no other origin."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import hashlib
 import re
 
 import pytest
-from svc_helpers import KEYS, METRICS_TOKEN, auth
+from svc_helpers import KEYS, METRICS_ADMIN_TOKEN, METRICS_TOKEN, auth, tiny_dataset, upload
 
 from app.auth import load_keys
 from worker.service.settings import ConfigError, Settings
 
 BEARER_METRICS = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+BEARER_ADMIN = {"Authorization": f"Bearer {METRICS_ADMIN_TOKEN}"}
 
 
 def _worker_id(worker) -> str:
@@ -35,9 +36,9 @@ def test_readyz_anonymous_gets_a_count_and_no_identities(client, worker):
         assert _worker_id(worker) not in r.text and "@" not in r.text
 
 
-@pytest.mark.parametrize("who", ["acme", "metrics"])
-def test_readyz_names_the_workers_to_a_key_or_the_metrics_token(client, worker, who):
-    r = client.get("/readyz", headers=auth("acme") if who == "acme" else BEARER_METRICS)
+@pytest.mark.parametrize("who", ["acme", "metrics", "admin"])
+def test_readyz_names_the_workers_to_a_key_or_a_metrics_token(client, worker, who):
+    r = client.get("/readyz", headers={"acme": auth("acme"), "metrics": BEARER_METRICS, "admin": BEARER_ADMIN}[who])
     assert r.status_code == 200, r.text
     checks = r.json()["checks"]
     assert checks["workers"] == len(checks["worker_ids"]) >= 1
@@ -47,42 +48,113 @@ def test_readyz_names_the_workers_to_a_key_or_the_metrics_token(client, worker, 
 # ---------------------------------------------------------------------------------------------------
 # /metrics
 
-def test_metrics_answers_only_the_metrics_token(client):
+def test_metrics_answers_only_the_metrics_tokens(client):
+    refused = []
     for headers, why in (({}, "none"), (auth("acme"), "a tenant key"), (auth("other"), "a tenant key"),
                          ({"Authorization": f"Bearer {METRICS_TOKEN}x"}, "another token"),
-                         ({"Authorization": f"Basic {METRICS_TOKEN}"}, "not bearer")):
+                         ({"Authorization": f"Bearer {METRICS_ADMIN_TOKEN}x"}, "another token"),
+                         ({"Authorization": f"Bearer {METRICS_ADMIN_TOKEN[:-1]}"}, "another token"),
+                         ({"Authorization": f"Basic {METRICS_TOKEN}"}, "not bearer"),
+                         ({"Authorization": f"Basic {METRICS_ADMIN_TOKEN}"}, "not bearer")):
         r = client.get("/metrics", headers=headers)
         assert r.status_code == 401, (why, r.text)
         assert r.json()["error"]["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer", why
         assert "dealrec_" not in r.text
+        refused.append(r.json())
+    assert all(body == refused[0] for body in refused), refused  # one answer, whatever was wrong
     r = client.get("/metrics", headers=BEARER_METRICS)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
     assert "# TYPE dealrec_jobs gauge" in r.text and "dealrec_workers " in r.text
-    # No series per tenant: no admin key exists to show them to.
-    assert "tenant" not in r.text and "acme" not in r.text
+    # The plain token: no series per tenant, no tenant's name anywhere.
+    assert "tenant" not in r.text and not any(t in r.text for t in KEYS)
+
+
+def _sample(text: str, series: str) -> float:
+    """The value of one series (`name{labels}`) in an exposition text; AssertionError when absent."""
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    raise AssertionError(f"{series} not in:\n{text}")
+
+
+def test_metrics_per_tenant_only_for_the_admin_token(client, api, worker, settings):
+    """The admin token's scrape adds each configured tenant's jobs (active, held), datasets and stored
+    bytes, read from the quotas: right after a dataset and jobs of a tenant of its own (`watched`) are
+    created, and after they go. The plain token's scrape of the same moment names no tenant."""
+    def scrape(headers: dict) -> str:
+        r = client.get("/metrics", headers=headers)
+        assert r.status_code == 200, r.text
+        return r.text
+
+    d = upload(api, tiny_dataset(seed=5), tenant="watched")
+    assert d["status"] == "ready", d
+    size = sum(f["bytes"] for f in d["files"])
+    held = 2  # jobs past DEALREC_TENANT_MAX_RUNNING wait in Redis
+    with worker.paused():  # none of the jobs can start or end meanwhile
+        jobs = [api("POST", "/v1/prune", tenant="watched", json={"dataset_id": d["id"], "budget": 3,
+                                                                   "method": "random", "seed": i})
+                for i in range(settings.tenant_max_running + held)]
+        assert [r.status_code for r in jobs] == [202] * len(jobs), [r.text for r in jobs]
+        admin, plain = scrape(BEARER_ADMIN), scrape(BEARER_METRICS)
+        assert _sample(admin, 'dealrec_tenant_jobs{tenant="watched",state="active"}') == len(jobs)
+        assert _sample(admin, 'dealrec_tenant_jobs{tenant="watched",state="held"}') == held
+        assert _sample(admin, 'dealrec_tenant_datasets{tenant="watched"}') == 1
+        assert _sample(admin, 'dealrec_tenant_stored_bytes{tenant="watched"}') == size
+        assert "# TYPE dealrec_tenant_stored_bytes gauge" in admin
+        for tenant in KEYS:  # every configured tenant has its series, whatever it holds
+            _sample(admin, f'dealrec_tenant_datasets{{tenant="{tenant}"}}')
+        # The global series are the same for both tokens; only the admin's names tenants.
+        assert "# TYPE dealrec_jobs gauge" in plain and "dealrec_queue_depth" in admin
+        assert "tenant" not in plain and not any(t in plain for t in KEYS), plain
+        for r in jobs:  # still queued: cancelled at once
+            assert api("POST", f"/v1/jobs/{r.json()['id']}/cancel", tenant="watched").status_code == 202
+    assert api("DELETE", f"/v1/datasets/{d['id']}", tenant="watched").status_code == 204
+    admin = scrape(BEARER_ADMIN)
+    for series in ('dealrec_tenant_jobs{tenant="watched",state="active"}',
+                   'dealrec_tenant_jobs{tenant="watched",state="held"}', 'dealrec_tenant_datasets{tenant="watched"}',
+                   'dealrec_tenant_stored_bytes{tenant="watched"}'):
+        assert _sample(admin, series) == 0, series
 
 
 def test_metrics_is_off_without_a_token(start_api_server, worker):
-    server = start_api_server(DEALREC_METRICS_TOKEN="")
+    server = start_api_server(DEALREC_METRICS_TOKEN="", DEALREC_METRICS_ADMIN_TOKEN="")
     with server.client() as c:
-        for headers in ({}, auth("acme"), BEARER_METRICS):
+        for headers in ({}, auth("acme"), BEARER_METRICS, BEARER_ADMIN):
             r = c.get("/metrics", headers=headers)
             assert r.status_code == 404, r.text
             err = r.json()["error"]
             assert err["code"] == "metrics_disabled" and "DEALREC_METRICS_TOKEN" in err["message"], err
-        # /readyz still names the workers to a tenant, not to the (unconfigured) token
+        # /readyz still names the workers to a tenant, not to the (unconfigured) tokens
         assert "worker_ids" in c.get("/readyz", headers=auth("acme")).json()["checks"]
-        assert "worker_ids" not in c.get("/readyz", headers=BEARER_METRICS).json()["checks"]
+        for headers in (BEARER_METRICS, BEARER_ADMIN):
+            assert "worker_ids" not in c.get("/readyz", headers=headers).json()["checks"]
+
+
+def test_the_admin_token_alone_opens_metrics_to_the_operators_only(start_api_server, worker):
+    server = start_api_server(DEALREC_METRICS_TOKEN="")
+    with server.client() as c:
+        r = c.get("/metrics", headers=BEARER_ADMIN)
+        assert r.status_code == 200 and 'dealrec_tenant_datasets{tenant="acme"}' in r.text, r.text
+        r = c.get("/metrics", headers=BEARER_METRICS)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
 
 
 def test_metrics_token_settings_are_checked():
-    with pytest.raises(ConfigError, match="DEALREC_METRICS_TOKEN"):
-        Settings.from_env({"DEALREC_METRICS_TOKEN": "short"})
-    same = Settings.from_env({"DEALREC_API_KEYS": f"acme:{KEYS['acme']}", "DEALREC_METRICS_TOKEN": KEYS["acme"]})
-    with pytest.raises(ConfigError, match="must differ from every API key"):
-        load_keys(same)
-    ok = Settings.from_env({"DEALREC_API_KEYS": f"acme:{KEYS['acme']}", "DEALREC_METRICS_TOKEN": METRICS_TOKEN})
+    for name in ("DEALREC_METRICS_TOKEN", "DEALREC_METRICS_ADMIN_TOKEN"):
+        with pytest.raises(ConfigError, match=f"{name}: must be at least 16 characters"):
+            Settings.from_env({name: "short"})
+        same = Settings.from_env({"DEALREC_API_KEYS": f"acme:{KEYS['acme']}", name: KEYS["acme"]})
+        with pytest.raises(ConfigError, match=f"{name} must differ from every API key"):
+            load_keys(same)
+    both = Settings.from_env({"DEALREC_API_KEYS": f"acme:{KEYS['acme']}", "DEALREC_METRICS_TOKEN": METRICS_TOKEN,
+                              "DEALREC_METRICS_ADMIN_TOKEN": METRICS_TOKEN})
+    with pytest.raises(ConfigError, match="DEALREC_METRICS_ADMIN_TOKEN must differ from DEALREC_METRICS_TOKEN"):
+        load_keys(both)
+    ok = Settings.from_env({"DEALREC_API_KEYS": f"acme:{KEYS['acme']}", "DEALREC_METRICS_TOKEN": METRICS_TOKEN,
+                            "DEALREC_METRICS_ADMIN_TOKEN": METRICS_ADMIN_TOKEN})
     assert load_keys(ok) == [("acme", KEYS["acme"])] and ok.metrics_token == METRICS_TOKEN
+    assert ok.metrics_admin_token == METRICS_ADMIN_TOKEN
 
 
 def test_the_schema_declares_the_metrics_answers(client):

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from core.params import first_error
 
@@ -82,6 +82,9 @@ class Settings(BaseModel):
     auth_disabled: bool = False
     # The bearer token of /metrics (a scraper's, not a tenant's); empty: /metrics answers 404.
     metrics_token: str = ""
+    # The operators' token of /metrics: the same series plus those of each tenant (its jobs, datasets,
+    # stored bytes), which the plain token never shows; empty: no one sees them.
+    metrics_admin_token: str = ""
     worker_heartbeat_s: float = Field(5.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -90,12 +93,13 @@ class Settings(BaseModel):
             raise ValueError("key_prefix must not be empty (every key the service writes carries it)")
         return self
 
-    @field_validator("metrics_token")
+    @field_validator("metrics_token", "metrics_admin_token")
     @classmethod
-    def _token_long_enough(cls, token: str) -> str:
+    def _token_long_enough(cls, token: str, info: ValidationInfo) -> str:
         token = token.strip()
         if token and len(token) < 16:
-            raise ValueError("must be at least 16 characters (or empty: /metrics off)")
+            off = "/metrics off" if info.field_name == "metrics_token" else "no series per tenant"
+            raise ValueError(f"must be at least 16 characters (or empty: {off})")
         return token
 
     @property
