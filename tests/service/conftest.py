@@ -28,6 +28,7 @@ redis = pytest.importorskip("redis")
 from svc_helpers import KEYS, LIVE, METRICS_ADMIN_TOKEN, METRICS_TOKEN, ApiServer, auth, read_tail  # noqa: E402
 
 from worker.service.jobstore import JobStore, connect  # noqa: E402
+from worker.service.quotas import TenantQuotas  # noqa: E402
 from worker.service.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,13 +92,14 @@ def store(settings) -> JobStore:
 
 class WorkerProcess:
     """`celery -A worker.celery_app worker --pool solo -Q cpu,gpu` as a child process (`launcher`: the
-    command before `-A`, default `python -m celery`)."""
+    command before `-A`, default `python -m celery`; `queues`: the queues it takes tasks from)."""
 
     name = "worker"
 
-    def __init__(self, env: dict[str, str], log_dir: Path, store: JobStore, launcher: list[str] | None = None
-                 ) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, store: JobStore, launcher: list[str] | None = None,
+                 queues: str = "cpu,gpu") -> None:
         self.launcher = launcher or [sys.executable, "-m", "celery"]
+        self.queues = queues
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         self.log_dir = log_dir
         self.store = store
@@ -111,7 +113,7 @@ class WorkerProcess:
         with open(self.log, "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [*self.launcher, "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q",
-                 "cpu,gpu", "--loglevel", "INFO", "--hostname", f"test{self.n}-{uuid.uuid4().hex[:6]}@%h",
+                 self.queues, "--loglevel", "INFO", "--hostname", f"test{self.n}-{uuid.uuid4().hex[:6]}@%h",
                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -161,6 +163,53 @@ def worker(service_env, store, tmp_path_factory) -> Iterator[WorkerProcess]:
     yield w
     w.stop()
     LIVE.pop(id(w), None)
+
+
+class OwnService:
+    """An API server and a Celery worker of a test module's own (`own_service`): `svc(method, url,
+    tenant=..., **kw)` calls the API with that tenant's key; `quotas()` reads the tenants' quotas."""
+
+    def __init__(self, server: ApiServer, worker: WorkerProcess, store: JobStore, env: dict[str, str],
+                 keys: dict[str, str]) -> None:
+        self.server, self.worker, self.store, self.env, self.keys = server, worker, store, env, keys
+        self.client = server.client()
+
+    def __call__(self, method: str, url: str, tenant: str | None = None, **kw):
+        key = self.keys[tenant or next(iter(self.keys))]
+        headers = {"Authorization": f"Bearer {key}", **kw.pop("headers", {})}
+        return self.client.request(method, url, headers=headers, **kw)
+
+    def quotas(self) -> TenantQuotas:
+        return TenantQuotas.from_settings(self.store, Settings.from_env(self.env))
+
+
+@contextmanager
+def own_service(service_env: dict[str, str], tmp_path_factory, name: str, keys: dict[str, str], *,
+                queues: str = "cpu,gpu", **overrides: str) -> Iterator[OwnService]:
+    """An API server and a worker (on `queues`) with the session's settings and `overrides` (DEALREC_*
+    variables), a key prefix and data folder of their own and the tenants of `keys`, so that what the
+    module's tests do (low limits, a short stale age) never meets the session's other tests; every
+    key of the prefix is removed afterwards."""
+    prefix = f"{service_env['DEALREC_KEY_PREFIX']}{name}-{uuid.uuid4().hex[:6]}:"
+    env = {**service_env, **overrides, "DEALREC_KEY_PREFIX": prefix,
+           "DEALREC_DATA_DIR": str(tmp_path_factory.mktemp(f"{name}-data")),
+           "DEALREC_API_KEYS": ",".join(f"{t}:{k}" for t, k in keys.items())}
+    store = JobStore(connect(env["DEALREC_REDIS_URL"]), prefix)
+    logs = tmp_path_factory.mktemp(f"{name}-logs")
+    server = ApiServer(env, logs, name=f"api-{name}").start()
+    worker = WorkerProcess(env, logs, store, queues=queues)
+    worker.n = 30  # its own log file
+    LIVE[id(worker)] = worker
+    try:
+        worker.start()
+        service = OwnService(server, worker, store, env, keys)
+        yield service
+        service.client.close()
+    finally:
+        worker.stop()
+        LIVE.pop(id(worker), None)
+        server.stop()
+        store.delete_all()
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProcess
-from svc_helpers import LIVE, ApiServer, multipart, tiny_dataset, upload, wait_job
+from conftest import OwnService, own_service
+from svc_helpers import multipart, tiny_dataset, upload, wait_job
 
 from app.archives import RATIO_FLOOR, unpack
 from app.errors import ApiError
@@ -47,55 +47,21 @@ LIMITS = {
 RANDOM_JOB = {"budget": 5, "method": "random"}  # no surrogate, no LLM: a second or so
 
 
-class Service:
-    """This module's API server and worker, and a call(method, url, tenant, **kw) with a tenant's key."""
-
-    def __init__(self, server: ApiServer, worker: WorkerProcess, store: JobStore, env: dict[str, str]) -> None:
-        self.server, self.worker, self.store, self.env = server, worker, store, env
-        self.client = server.client()
-
-    def __call__(self, method: str, url: str, tenant: str = "burst", **kw):
-        headers = {"Authorization": f"Bearer {KEYS[tenant]}", **kw.pop("headers", {})}
-        return self.client.request(method, url, headers=headers, **kw)
-
-    def quotas(self) -> TenantQuotas:
-        return TenantQuotas(self.store, Limits(jobs=3, running=1, datasets=2, bytes=int(LIMITS[
-            "DEALREC_TENANT_MAX_BYTES"])))
-
-
 @pytest.fixture(scope="module")
-def svc(service_env, tmp_path_factory) -> Iterator[Service]:
-    prefix = f"{service_env['DEALREC_KEY_PREFIX']}limits-{uuid.uuid4().hex[:6]}:"
-    env = {**service_env, **LIMITS, "DEALREC_KEY_PREFIX": prefix,
-           "DEALREC_DATA_DIR": str(tmp_path_factory.mktemp("limits-data")),
-           "DEALREC_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items())}
-    store = JobStore(connect(env["DEALREC_REDIS_URL"]), prefix)
-    logs = tmp_path_factory.mktemp("limits-logs")
-    server = ApiServer(env, logs, name="api-limits").start()
-    worker = WorkerProcess(env, logs, store)
-    worker.n = 30  # its own log file
-    LIVE[id(worker)] = worker
-    try:
-        worker.start()
-        service = Service(server, worker, store, env)
+def svc(service_env, tmp_path_factory) -> Iterator[OwnService]:
+    with own_service(service_env, tmp_path_factory, "limits", KEYS, **LIMITS) as service:
         yield service
-        service.client.close()
-    finally:
-        worker.stop()
-        LIVE.pop(id(worker), None)
-        server.stop()
-        store.delete_all()
 
 
-def _prune(svc: Service, dataset_id: str, tenant: str, **body):
+def _prune(svc: OwnService, dataset_id: str, tenant: str, **body):
     return svc("POST", "/v1/prune", tenant=tenant, json={"dataset_id": dataset_id, **RANDOM_JOB, **body})
 
 
-def _messages(svc: Service, job_id: str, tenant: str) -> list[str]:
+def _messages(svc: OwnService, job_id: str, tenant: str) -> list[str]:
     return [e["message"] for e in svc("GET", f"/v1/jobs/{job_id}/events?limit=1000", tenant=tenant).json()["items"]]
 
 
-def _ready(svc: Service, tenant: str, files: dict[str, bytes] = TINY) -> dict:
+def _ready(svc: OwnService, tenant: str, files: dict[str, bytes] = TINY) -> dict:
     d = upload(svc, files, tenant=tenant)
     assert d["status"] == "ready", d
     return d
