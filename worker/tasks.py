@@ -27,6 +27,7 @@ from worker.service.jobstore import JobStore
 from worker.service.quotas import TenantQuotas
 from worker.service.records import TERMINAL
 from worker.service.settings import get_settings
+from worker.service.uploads import sweep_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,23 @@ def effort_shard(self, job_id: str, index: int) -> str:
 @app.task(name=TASK_SWEEP)
 def sweep_storage() -> int:
     store, files = _context()
-    return files.sweep(store.job_exists, store.dataset_exists, get_settings().stale_upload_s)
+    stale_s = get_settings().stale_upload_s
+    return files.sweep(store.job_exists, store.dataset_exists, stale_s) + len(sweep_abandoned(store, files, stale_s))
+
+
+def sweep_stale_uploads(store: JobStore, files: Files, stale_s: float) -> None:
+    """What an API that died mid-upload leaves, once unchanged for `stale_s`: partial files under tmp/,
+    and a dataset record never handed to validation (worker/service/uploads.py)."""
+    try:
+        files.sweep_tmp(stale_s)
+    except OSError as exc:
+        log.warning("temporary folders not swept: %s", exc)
+    try:
+        sweep_abandoned(store, files, stale_s)
+    except redis.RedisError as exc:
+        log.warning("abandoned uploads not swept: %s", exc)
+    except Exception:  # noqa: BLE001 - the heartbeat thread must go on (a dead one makes the worker look dead)
+        log.exception("abandoned uploads not swept")
 
 
 def requeue_stalled_jobs(store: JobStore, settings, holder: str) -> list[str]:
@@ -188,8 +205,8 @@ class _Heartbeat:
     """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
     cannot answer Celery's control.ping, yet it is there. The same thread looks for stalled jobs
     (one worker per period), for held jobs a dead process left unsent (worker/service/dispatch.py),
-    and removes stale temporary folders (every worker, cheap: a partial
-    upload an API left when it died goes within minutes, not at the next worker start)."""
+    and sweeps what an API that died mid-upload left (every worker, cheap: a partial upload and a dataset
+    record never handed to validation go within minutes, not at the next worker start)."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -217,10 +234,7 @@ class _Heartbeat:
                 log.warning("heartbeat not written: %s", exc)
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + settings.tmp_sweep_period_s
-                try:
-                    files.sweep_tmp(settings.stale_upload_s)
-                except OSError as exc:
-                    log.warning("temporary folders not swept: %s", exc)
+                sweep_stale_uploads(store, files, settings.stale_upload_s)
             if self.stop.wait(settings.worker_heartbeat_s):
                 break
 

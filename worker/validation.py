@@ -11,6 +11,7 @@ from worker.runner import describe, relative_error
 from worker.service.files import Files
 from worker.service.jobstore import JobStore
 from worker.service.records import utcnow
+from worker.service.uploads import validation_sent, validation_work
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,8 @@ def validate_dataset(store: JobStore, files: Files, dataset_id: str) -> str:
     rec = store.get_dataset(dataset_id)
     if rec is None or rec.status != "validating":
         return rec.status if rec else "missing"
-    with Delivery(store, f"dataset:{dataset_id}:validate") as delivery:
+    validation_sent(store, dataset_id)  # its task came (the API that sent it may have died before saying so)
+    with Delivery(store, validation_work(dataset_id)) as delivery:
         if delivery.parked:
             return _finish(store, dataset_id, "invalid", errors=[{"code": PARKED_CODE, "message": PARKED_DATASET}])
         return _validate(store, files, dataset_id)

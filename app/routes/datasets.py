@@ -23,6 +23,7 @@ from worker.celery_app import TASK_VALIDATE, send
 from worker.service.jobstore import new_id
 from worker.service.records import DatasetRecord, FileInfo
 from worker.service.responses import DatasetList, DatasetOut
+from worker.service.uploads import validation_sent
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["datasets"])
@@ -134,13 +135,15 @@ def _precheck(folder: Path) -> None:
 def _register(ctx: ServiceContext, rec: DatasetRecord, files_dir) -> None:
     """Record (within the tenant's dataset count and stored bytes: 429 past them), then files into
     place, then the validation task: each step only once the one before it held, and undone if the
-    queue refuses the task."""
+    queue refuses the task. A record this process leaves behind by dying before the task is sent is
+    marked invalid by the workers' sweep (worker/service/uploads.py)."""
     ctx.quotas.admit_dataset(rec)
     try:
         final = ctx.files.dataset_files(rec.id)
         final.parent.mkdir(parents=True, exist_ok=True)
         ctx.files.publish(files_dir, final)
         send(ctx.celery, TASK_VALIDATE, [rec.id], "cpu")
+        validation_sent(ctx.store, rec.id)
     except Exception:
         ctx.store.delete_dataset(rec.tenant, rec.id)
         ctx.files.remove(ctx.files.dataset_dir(rec.id))

@@ -13,6 +13,7 @@ Layout (all under the configurable prefix, default `dealrec:`):
     tenant:<t>:held          list of its queued jobs not yet handed to the broker (fair dispatch)
     tenant:<t>:storage       hash: dataset id -> bytes of its stored files (dataset and byte quotas)
     dispatching              sorted set: job id -> when (ms) it was released to the broker; left once its task is sent
+    datasets:unsent          sorted set: dataset id -> when (ms) recorded, until its validation is sent (uploads.py)
     idem:<t>:<sha256(key)>   "<job id> <request hash>" for an Idempotency-Key
     metrics:jobs             hash: current queued/running counts, cumulative finished counts
     metrics:stage_seconds    hash: stage -> summed seconds;  metrics:stage_count: stage -> runs

@@ -155,8 +155,9 @@ return ids
 """
 
 # Create a dataset record within the tenant's dataset count and stored bytes. KEYS: dataset hash,
-# tenant dataset index, tenant's stored bytes per dataset (hash). ARGV: dataset id, encoded fields,
-# its bytes, most datasets (0: no limit), most bytes (0: no limit).
+# tenant dataset index, tenant's stored bytes per dataset (hash), the records whose validation task
+# is not sent yet (zset, worker/service/uploads.py). ARGV: dataset id, encoded fields, its bytes, most
+# datasets (0: no limit), most bytes (0: no limit), now in ms ('' = not waiting for a validation task).
 # Returns {'created', 0}, {'datasets', count} or {'bytes', stored bytes}.
 CREATE_DATASET = """
 local count = redis.call('HLEN', KEYS[3])
@@ -170,5 +171,28 @@ local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+if ARGV[6] and ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1]) end
 return {'created', 0}
+"""
+
+# Mark a dataset record an API left behind `invalid` (worker/service/uploads.py), if it still is one:
+# in the unsent set since before ARGV[2] (ms), still `validating`, and no validation running (no
+# deliveries count). Its quota share goes, and the record expires after ARGV[4] seconds.
+# KEYS: dataset hash, unsent zset, the validation's deliveries key, the tenant's stored bytes (hash).
+# ARGV: dataset id, cutoff (ms), encoded fields (JSON object), TTL.
+# Returns 'sent' (not in the set), 'fresh', 'settled' (gone or validated: left the set), 'running' or 'abandoned'.
+ABANDON_UPLOAD = """
+local since = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not since then return 'sent' end
+if tonumber(since) > tonumber(ARGV[2]) then return 'fresh' end
+if redis.call('HGET', KEYS[1], 'status') ~= '"validating"' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 'settled'
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'running' end
+for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 'abandoned'
 """

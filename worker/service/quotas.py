@@ -38,6 +38,7 @@ from typing import Any
 from worker.service import lua
 from worker.service.jobstore import JobStore, StoreError, _dump, event_json
 from worker.service.records import DatasetRecord, JobRecord
+from worker.service.uploads import unsent_key
 
 # The variable that sets each per-tenant limit (named in every 429).
 SETTING = {"jobs": "DEALREC_TENANT_MAX_JOBS", "datasets": "DEALREC_TENANT_MAX_DATASETS",
@@ -229,12 +230,17 @@ class TenantQuotas:
             raise self._over_bytes(stored, 0)
 
     def admit_dataset(self, rec: DatasetRecord) -> None:
-        """Record a new dataset within the tenant's dataset count and stored bytes (its files' sizes)."""
+        """Record a new dataset within the tenant's dataset count and stored bytes (its files' sizes);
+        a `validating` one also enters the set of records whose validation task is not sent yet
+        (worker/service/uploads.py: the caller sends it, then `validation_sent`)."""
         size = sum(f.bytes for f in rec.files)
         s = self.store
+        # A record to validate waits in the unsent set until its task is sent (worker/service/uploads.py).
+        since = _now_ms() if rec.status == "validating" else ""
         status, value = self._create_dataset(
-            keys=[s._dataset(rec.id), s._index(rec.tenant, "datasets"), self._key(rec.tenant, "storage")],
-            args=[rec.id, json.dumps(_dump(rec)), size, self.limits.datasets, self.limits.bytes])
+            keys=[s._dataset(rec.id), s._index(rec.tenant, "datasets"), self._key(rec.tenant, "storage"),
+                  unsent_key(s)],
+            args=[rec.id, json.dumps(_dump(rec)), size, self.limits.datasets, self.limits.bytes, since])
         if status == "datasets":
             raise self._over_datasets(int(value))
         if status == "bytes":
