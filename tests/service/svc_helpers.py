@@ -84,6 +84,14 @@ FAST = {"surrogate": {"epochs": 2, "eval_every": 1}, "influence": {"lissa_steps"
 # Child processes
 
 
+def run_dealrec(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`dealrec ARGS` (the service's CLI, `python -m app.cli`) as a user runs it: none of the tests'
+    DEALREC_* variables, so the URL and key come from the arguments alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALREC_")}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=timeout)
+
+
 class LoggedProcess(Protocol):
     """A child process whose log tail the failure report shows (see conftest's makereport hook)."""
 

@@ -5,7 +5,6 @@ on a real server whose Redis is stopped, and on a port where nothing listens."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from svc_helpers import FAST, KEYS, free_port, tiny_dataset, write_dataset
+from svc_helpers import FAST, KEYS, free_port, run_dealrec, tiny_dataset, write_dataset
 
 from dealrec_client import (
     APIConnectionError,
@@ -157,10 +156,7 @@ def test_idempotent_calls_are_retried_on_503_and_connection_errors(start_api_ser
 
 
 def _dealrec(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("DEALREC_")}
-    r = subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=300)
+    r = run_dealrec(*args)
     assert r.returncode == 0, r.stderr
     return r
 
@@ -187,10 +183,8 @@ def test_remote_prune_writes_what_prune_writes(api_server, worker, tmp_path, met
 def test_remote_prune_reports_a_bad_dataset(api_server, worker, tmp_path):
     files = tiny_dataset()
     data = write_dataset(tmp_path / "data", {**files, "items.tsv": b"item_id\tsource_item_id\n1\tB1\n"})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALREC_")}
-    r = subprocess.run([sys.executable, "-m", "app.cli", "remote", "prune", "--url", api_server.url, "--key",
-                        KEYS["acme"], "--data", str(data), "--budget", "4", "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
+    r = run_dealrec("remote", "prune", "--url", api_server.url, "--key", KEYS["acme"], "--data", str(data),
+                    "--budget", "4", "--out", str(tmp_path / "out"), timeout=120)
     assert r.returncode == 2 and "items.tsv, line 1" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
