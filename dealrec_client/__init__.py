@@ -22,6 +22,7 @@ from dealrec_client.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    QuotaExceededError,
     ServiceUnavailableError,
     UnprocessableEntityError,
     WaitTimeoutError,
@@ -31,6 +32,7 @@ from dealrec_client.jobs import Job, Jobs
 __all__ = [
     "APIConnectionError", "APIStatusError", "AuthenticationError", "BadRequestError", "Client", "ConflictError",
     "Dataset", "Datasets", "DealrecError", "InternalServerError", "InvalidDatasetError", "Job", "JobFailedError",
-    "Jobs", "NotFoundError", "PayloadTooLargeError", "PermissionDeniedError", "ServiceUnavailableError",
+    "Jobs", "NotFoundError", "PayloadTooLargeError", "PermissionDeniedError", "QuotaExceededError",
+    "ServiceUnavailableError",
     "UnprocessableEntityError", "WaitTimeoutError",
 ]

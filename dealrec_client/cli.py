@@ -50,6 +50,9 @@ def add_remote_command(sub) -> None:
     pr.add_argument("--effort-loss", default=None, choices=["prompt", "response"])
     pr.add_argument("--effort-length-correction", default=None, choices=["none", "residual"])
     pr.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    pr.add_argument("--quota-retries", type=int, default=3,
+                    help="times the job request is sent again after a 429 (the tenant's job limit), each after "
+                         "the server's Retry-After, at most 60 s (3)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--out", required=True, help="output folder")
 
@@ -78,7 +81,8 @@ def cmd_remote(args: argparse.Namespace) -> int:
 
     out = sys.stdout
     try:
-        with Client(args.url, args.key if args.key is not None else os.environ.get("DEALREC_API_KEY")) as client:
+        key = args.key if args.key is not None else os.environ.get("DEALREC_API_KEY")
+        with Client(args.url, key, quota_retries=max(0, args.quota_retries)) as client:
             if args.data:
                 ds = client.datasets.upload(args.data, name=args.name)
                 users = (ds.statistics or {}).get("users")

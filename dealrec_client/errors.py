@@ -23,16 +23,19 @@ class APIStatusError(DealrecError):
     """The API answered with an error status."""
 
     def __init__(self, status_code: int | None, code: str, message: str, details: dict[str, Any] | None = None,
-                 request_id: str | None = None) -> None:
+                 request_id: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.details = details or {}
         self.request_id = request_id
+        self.retry_after = retry_after  # seconds, from the answer's Retry-After (429, 503)
+        self.retries = 0  # how many times the client sent the request again before giving up
 
     def __str__(self) -> str:
         status = f"{self.status_code} " if self.status_code else ""
-        return f"{status}{self.code}: {self.message}"
+        again = f" (after {self.retries} retries)" if self.retries else ""
+        return f"{status}{self.code}: {self.message}{again}"
 
 
 class BadRequestError(APIStatusError):
@@ -90,6 +93,34 @@ class UnprocessableEntityError(APIStatusError):
         return self.details.get("field")
 
 
+class QuotaExceededError(APIStatusError):
+    """429: one of the tenant's limits is reached. `quota` says which (jobs, datasets or bytes), `limit`
+    and `current` where the tenant stands, `setting` the server's variable, `retry_after` how long the
+    server asked to wait. A job request (safe to repeat: it carries an Idempotency-Key) was retried
+    first, `quota_retries` times, each after Retry-After; an upload is not retried (its quotas free
+    only when the tenant deletes a dataset, and a repeated upload is not idempotent)."""
+
+    @property
+    def quota(self) -> str | None:
+        return self.details.get("quota")
+
+    @property
+    def limit(self) -> float | None:
+        return self.details.get("limit")
+
+    @property
+    def current(self) -> int | None:
+        return self.details.get("current")
+
+    @property
+    def setting(self) -> str | None:
+        return self.details.get("setting")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text.replace(f"{self.code}:", f"{self.code} ({self.quota}):", 1) if self.quota else text
+
+
 class ServiceUnavailableError(APIStatusError):
     """503: Redis or the queue is down (idempotent calls were retried first)."""
 
@@ -112,12 +143,15 @@ class WaitTimeoutError(DealrecError, TimeoutError):
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
-    409: ConflictError, 413: PayloadTooLargeError, 422: UnprocessableEntityError, 503: ServiceUnavailableError,
+    409: ConflictError, 413: PayloadTooLargeError, 422: UnprocessableEntityError, 429: QuotaExceededError,
+    503: ServiceUnavailableError,
 }
 
 
-def error_from_response(status_code: int, body: Any, request_id: str | None = None) -> APIStatusError:
-    """The exception for an error response (`body` is the parsed JSON, or None when it was not JSON)."""
+def error_from_response(status_code: int, body: Any, request_id: str | None = None,
+                        retry_after: float | None = None) -> APIStatusError:
+    """The exception for an error response (`body` is the parsed JSON, or None when it was not JSON;
+    `retry_after` the seconds of its Retry-After header)."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         err = {"code": "http_error", "message": f"HTTP {status_code} without an error body"}
@@ -130,4 +164,4 @@ def error_from_response(status_code: int, body: Any, request_id: str | None = No
         cls = InternalServerError
     else:
         cls = _BY_STATUS.get(status_code, APIStatusError)
-    return cls(status_code, code, message, details, request_id)
+    return cls(status_code, code, message, details, request_id, retry_after)

@@ -13,24 +13,27 @@ from __future__ import annotations
 import io
 import shutil
 import threading
+import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import OwnService, own_service
-from svc_helpers import multipart, tiny_dataset, upload, wait_job
+from svc_helpers import multipart, run_dealrec, tiny_dataset, upload, wait_for, wait_job
 
 from app.archives import RATIO_FLOOR, unpack
 from app.errors import ApiError
+from dealrec_client import Client, QuotaExceededError
 from worker.service.jobstore import JobStore, connect, new_id
 from worker.service.quotas import Limits, QuotaExceeded, TenantQuotas
 from worker.service.records import DatasetRecord, FileInfo, JobRecord
 from worker.service.requests import PruneRequest
 
-TENANTS = ("burst", "calm", "bytes", "count", "files", "other", "cancels", "fails", "reaped")
+TENANTS = ("burst", "calm", "bytes", "count", "files", "other", "cancels", "fails", "reaped", "client")
 KEYS = {t: f"{t}-key-0123456789abcdef" for t in TENANTS}
 TINY = tiny_dataset()  # 2,409 bytes
 SMALL = tiny_dataset(n_users=10, n_items=8)  # 574 bytes
@@ -226,6 +229,78 @@ def test_the_ratio_is_checked_while_unpacking(tmp_path):
     assert exc.value.status == 413 and exc.value.code == "archive_too_compressed"
     written = sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     assert written <= max(100 * archive.stat().st_size, RATIO_FLOOR) < zeros
+
+
+class _Recorded:
+    """What a client sent and got, from httpx's event hooks: (method, path, Idempotency-Key) of each
+    request, and the status of each answer."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.statuses: list[int] = []
+
+    def client(self, svc: OwnService, tenant: str, **kw) -> Client:
+        hooks = {"request": [lambda r: self.requests.append((r.method, r.url.path, r.headers.get("idempotency-key")))],
+                 "response": [lambda r: self.statuses.append(r.status_code)]}
+        http = httpx.Client(base_url=svc.server.url, event_hooks=hooks, timeout=60)
+        return Client(svc.server.url, KEYS[tenant], http_client=http, **kw)
+
+
+def test_the_client_waits_out_a_429_then_names_the_quota(svc, tmp_path):
+    """A job request past the tenant's job limit: the Python client sends it again after each Retry-After
+    (7 s here), at most `quota_retries` times and never waiting longer than `max_retry_wait`, always with
+    the same Idempotency-Key (one job in the end, never two); past its retries it raises
+    QuotaExceededError naming the quota, and `dealrec remote prune` says the same."""
+    d = _ready(svc, "client")
+    with svc.worker.paused():
+        jobs = [_prune(svc, d["id"], "client", seed=i) for i in range(3)]  # at DEALREC_TENANT_MAX_JOBS
+        assert [r.status_code for r in jobs] == [202] * 3, [r.text for r in jobs]
+        seen = _Recorded()
+        t0 = time.monotonic()
+        with seen.client(svc, "client", quota_retries=0) as c, pytest.raises(QuotaExceededError) as info:
+            c.jobs.create(d["id"], budget=5, method="random")
+        err = info.value
+        assert time.monotonic() - t0 < 5 and seen.statuses == [429]
+        assert (err.status_code, err.code, err.quota, err.current, err.limit, err.setting, err.retry_after) == (
+            429, "quota_exceeded", "jobs", 3, 3, "DEALREC_TENANT_MAX_JOBS", 7.0), err.details
+        assert str(err).startswith("429 quota_exceeded (jobs): this tenant has 3 queued or running jobs"), str(err)
+
+        # Bounded: two retries, each wait cut to max_retry_wait, not the 7 s asked; the key sent each time.
+        seen = _Recorded()
+        t0 = time.monotonic()
+        with seen.client(svc, "client", quota_retries=2, max_retry_wait=0.5) as c, \
+                pytest.raises(QuotaExceededError) as info:
+            c.jobs.create(d["id"], budget=5, method="random", idempotency_key="bounded-0123")
+        assert 1.0 <= time.monotonic() - t0 < 7
+        assert seen.requests == [("POST", "/v1/prune", "bounded-0123")] * 3 and seen.statuses == [429] * 3
+        assert info.value.retries == 2 and str(info.value).endswith("(after 2 retries)"), str(info.value)
+
+        r = run_dealrec("remote", "prune", "--url", svc.server.url, "--key", KEYS["client"], "--dataset-id", d["id"],
+                        "--budget", "5", "--method", "random", "--quota-retries", "0", "--no-progress",
+                        "--out", str(tmp_path / "out"), timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "429 quota_exceeded (jobs)" in r.stderr and "DEALREC_TENANT_MAX_JOBS = 3" in r.stderr, r.stderr
+
+        # Retries enough to outlast the three jobs: started now, refused at first ...
+        seen, created = _Recorded(), {}
+
+        def create() -> None:
+            with seen.client(svc, "client", quota_retries=3) as c:
+                created["job"] = c.jobs.create(d["id"], budget=5, method="random", seed=9)
+
+        thread = threading.Thread(target=create)
+        thread.start()
+        wait_for(lambda: {"answers": list(seen.statuses)}, lambda r: r["answers"], timeout=30)
+        assert seen.statuses == [429]
+    # ... then the worker runs them and frees the slots: the next try after Retry-After gets its job.
+    thread.join(timeout=90)
+    assert "job" in created, seen.statuses
+    assert seen.statuses[0] == 429 and seen.statuses[-1] == 202 and set(seen.statuses[1:-1]) <= {429}, seen.statuses
+    assert len({key for _, _, key in seen.requests}) == 1  # one Idempotency-Key for every try
+    listed = svc("GET", "/v1/jobs?limit=200", tenant="client").json()["items"]
+    assert sorted(j["id"] for j in listed) == sorted([created["job"].id] + [r.json()["id"] for r in jobs])
+    for job in listed:
+        assert wait_job(svc, job["id"], tenant="client", timeout=60)["status"] == "succeeded"
 
 
 def _job_record(dataset_id: str, tenant: str, seed: int) -> JobRecord:
