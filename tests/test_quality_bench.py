@@ -239,3 +239,16 @@ def test_committed_cells_keep_their_keys():
         selected = json.loads(quality.Cell(method, 0, 1024).path(out, ds, args).read_text())["selected"]
         key = llm_level.LLMCell(method, 0, 1024).key(ds, llm_args, selected)
         assert list((out / "llm-cells").glob(f"{method}-seed0-b1024-{key}.json")), method
+
+
+def test_llm_breakdown_quartiles_split_ties_and_average_the_groups():
+    from bench.llm_breakdown import breakdown, quartiles
+
+    x = np.array([0, 0, 0, 0, 0, 0, 5, 9], dtype=float)  # many equal values: still four groups of two
+    groups = quartiles(x)
+    assert [g.size for g in groups] == [2, 2, 2, 2]
+    assert sorted(np.concatenate(groups).tolist()) == list(range(8))
+    diff = np.arange(8, dtype=float)
+    rows = breakdown(diff, {"x": x})["x"]
+    assert [r["mean_diff"] for r in rows] == [0.5, 2.5, 4.5, 6.5]
+    assert (rows[-1]["from"], rows[-1]["to"]) == (5.0, 9.0)
