@@ -399,13 +399,14 @@ def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], label,
 
 def write_llm_reports(args, ds: RecDataset, out: Path, device, seeds, budgets, methods, results, resumed,
                       seconds: float, label: Callable[[str], str]) -> dict[str, Any]:
-    """llm.md / llm.png / llm.json (llm-nll.* with --nll-only) for the first budget (the json for every
-    budget)."""
+    """llm.md / llm.png / llm.json (llm-nll.* with --nll-only; <--report>.* when given) for the first
+    budget (the json for every budget)."""
     import torch
 
     from core.effort.llm import resolve_llm
 
-    stem = "llm-nll" if args.nll_only else "llm"
+    # --report names them where it is given (e.g. a report over the seeds finished so far).
+    stem = args.report if args.report != "results" else ("llm-nll" if args.nll_only else "llm")
     with_base = any(c.method == BASE for c in results)
     meta = {"users": ds.n_users, "items": ds.n_items, "fingerprint": ds.fingerprint, "seeds": list(seeds),
             "llm": resolve_llm(args.llm).key(), "device": str(device), "threads": torch.get_num_threads(),

@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default=None, help="core's cache (default $DEALREC_CACHE_DIR or ~/.cache/dealrec)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/quality-<limit-users>)")
     ap.add_argument("--report", default="results",
-                    help="name of the surrogate-level report files in OUT (results: results.md/.png/.json); the "
-                         "cells are shared by every report of OUT")
+                    help="name of the report files in OUT (results: results.md/.png/.json; with --llm-eval the "
+                         "default is llm or llm-nll); the cells are shared by every report of OUT")
     ap.add_argument("--effort-store", default=None,
                     help="root of the per-sample effort store (default: the cache folder); a folder under OUT "
                          "that is committed lets effort scoring resume in a later session")

@@ -170,6 +170,12 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     assert quality.main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
     assert all(c["from_cell_cache"] for c in json.loads((out / "llm.json").read_text())["cells"])
+    # --report names the files (a report over part of the cells beside the main one).
+    assert quality.main([*argv, "--methods", "random", "--no-base", "--report", "llm-part"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "llm-part.json").read_text())["methods"] == ["random"]
+    assert (out / "llm-part.md").is_file()
+    assert json.loads((out / "llm.json").read_text())["methods"] == ["random", "el2n"]  # untouched
 
 
 def saved_cells(out: Path) -> list[dict]:
