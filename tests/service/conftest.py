@@ -262,3 +262,18 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         for proc in list(LIVE.values()):
             report.sections.append((f"{proc.name} log (tail)", proc.tail() or "(empty)"))
+
+
+@pytest.fixture(scope="module")
+def http(api_server) -> Iterator[httpx.Client]:
+    """A client of the session's API server, for the schema tests."""
+    with api_server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def spec(http) -> dict:
+    """The live server's /openapi.json."""
+    r = http.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    return r.json()

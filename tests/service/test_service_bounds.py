@@ -6,27 +6,12 @@ runs here (nothing reaches a worker)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from tests.schema_bounds import numbers, over
 from tests.service.svc_helpers import auth
 from worker.service.requests import PruneRequest
-
-
-@pytest.fixture(scope="module")
-def http(api_server) -> Iterator[httpx.Client]:
-    with api_server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def spec(http) -> dict:
-    r = http.get("/openapi.json")
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def _request_numbers(spec: dict):

@@ -18,19 +18,6 @@ from worker.service.jobstore import is_valid_id, new_id
 ERROR_REF = "#/components/schemas/ErrorBody"
 
 
-@pytest.fixture(scope="module")
-def http(api_server) -> Iterator[httpx.Client]:
-    with api_server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def spec(http) -> dict:
-    r = http.get("/openapi.json")
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def _operations(spec: dict) -> Iterator[tuple[str, str, dict]]:
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
