@@ -157,8 +157,11 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
         finetune = {k: meta[k] for k in ("train_samples", "valid_samples", "mean_train_tokens", "epochs_run",
                                          "best_epoch", "stopped_early", "steps", "history", "train_seconds",
                                          "seconds_per_sample", "precision", "device")}
+    # Generation for all test users takes an hour or more on one core: its finished batches are kept
+    # beside the cell (commit the file to carry an unfinished cell to another session or machine).
+    journal = path.with_name(f"{path.stem}.partial.jsonl")
     result = run_evaluate(
-        ctx.ds, eval_config(args, adapter), cache_dir=ctx.cache_dir,
+        ctx.ds, eval_config(args, adapter), cache_dir=ctx.cache_dir, journal=journal,
         progress=lambda stage, f, m="": ctx.status(f"{cell.label()} eval {stage} {100 * f:.0f}%: {m}"))
     record = {
         "format": LLM_CELL_FORMAT, "method": cell.method, "seed": cell.seed, "budget": cell.budget,
@@ -175,6 +178,7 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    journal.unlink(missing_ok=True)
     return record, False
 
 
@@ -425,4 +429,4 @@ def write_llm_reports(args, ds: RecDataset, out: Path, device, seeds, budgets, m
               "cells": [{k: v for k, v in r.items() if k != "users"} | {"from_cell_cache": c in resumed}
                         for c, r in results.items()]}
     atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode())
-    return report
+    return report | {"written": str(out / f"{stem}.md")}

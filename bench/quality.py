@@ -680,7 +680,7 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
         return 0
     report = llm_level.write_llm_reports(args, ds, out, ctx.device, seeds, budgets, args.methods, results, resumed,
                                          time.perf_counter() - t0, label)
-    log.info("wrote %s in %.1fs (%d LLM cells, %d from the cell cache)", out / "llm.md", time.perf_counter() - t0,
+    log.info("wrote %s in %.1fs (%d LLM cells, %d from the cell cache)", report["written"], time.perf_counter() - t0,
              len(cells), len(resumed))
     if args.json:
         _print_summary(report["summary"][str(budgets[0])])

@@ -163,6 +163,8 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     assert len({tuple(u["user"] for u in c["users"]) for c in saved}) == 1  # the same test users in every row
     # The adapters are kept beside the cells (committed with them, a later session resumes from them).
     assert len(list((out / "llm-adapters").glob("*/adapter_config.json"))) == 2
+    # A finished cell's generation journal is gone (the cell holds everything it recorded).
+    assert not list((out / "llm-cells").glob("*.partial.jsonl"))
     table = (out / "llm.md").read_text()
     assert "--llm-eval" in table and "| Random | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
     assert "| Random | **all** | 9 |" in table and "NLL difference" in table

@@ -40,6 +40,7 @@ from core.effort.prompts import (
     tokenize_samples,
 )
 from core.evaluate.generate import generate_batched, mean_nll
+from core.evaluate.journal import GenerationJournal, file_digest, fingerprint
 from core.progress import uninterruptible
 from core.surrogate.metrics import recall_ndcg_at_k
 from core.surrogate.train import Cancelled
@@ -194,7 +195,8 @@ def item_embeddings(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, dev
 
 def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, template: PromptTemplate | None = None,
                  device: torch.device | str = "cpu", items: torch.Tensor | None = None,
-                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, Any]:
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                 journal: Path | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """BIGRec evaluation of `model` (a causal LM, or a peft model with its adapter) on the test users of
     `ds` (`cfg.test_users` of them, seeded, or all with a test item).
 
@@ -203,7 +205,12 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     "target_rank", "top10", "metrics", "nll", "answer_tokens"}], "seconds": {...}, "generation":
     {...}}; item ids are 1-based, `target_rank` is the 0-based rank of the best-placed test item among
     the first max(ks) (None beyond), "metrics" the user's own; "nll" (with `cfg.nll`) the mean negative
-    log-likelihood per token of the true test title and EOS after the prompt, teacher forced."""
+    log-likelihood per token of the true test title and EOS after the prompt, teacher forced.
+
+    `journal`: a file in which each finished generation batch is recorded, so that a rerun after an
+    interruption resumes there (core.evaluate.journal; the caller removes it once the result is kept).
+    It is valid for these prompts, answers, settings and dataset, and for `identity` (what the caller
+    knows of the model: the LLM's key, the adapter's weights digest)."""
     template = template or PromptTemplate()
     dev = torch.device(device)
     times: dict[str, float] = {}
@@ -220,11 +227,16 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     prompts = [s.ids for s in samples]
     answers = answer_tokens(ds, samples, tokenizer, template) if cfg.nll else None
     _report(progress, "generate", 0.0, f"{len(users)} users")
+    record = None
+    if journal is not None:
+        record = GenerationJournal(journal, fingerprint(
+            cfg.model_dump(mode="json"), str(dev), ds.fingerprint, identity or {},
+            [list(p) for p in prompts], [list(a) for a in answers] if answers is not None else None))
     gen = generate_batched(model, tokenizer, prompts, answers, num_beams=cfg.num_beams,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=dev,
                            autocast=_autocast(cfg.precision, dev), share_prefix=cfg.share_prefix,
                            generate=cfg.generate, progress=lambda f, m: _report(progress, "generate", f, m),
-                           cancel=lambda: _check(cancel) or False)
+                           cancel=lambda: _check(cancel) or False, journal=record)
     generated = gen.texts
     times["generate"] = time.perf_counter() - t
     if not cfg.generate:
@@ -282,8 +294,9 @@ def titles_digest(ds: RecDataset) -> str:
 
 def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None = None, use_cache: bool = True,
                  template: PromptTemplate | None = None, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None) -> dict[str, Any]:
-    """Load the configured LLM (and adapter), then `evaluate_llm`. The base model's item embeddings
+                 cancel: CancelFn | None = None, journal: Path | None = None) -> dict[str, Any]:
+    """Load the configured LLM (and adapter), then `evaluate_llm` (with its resumable `journal` when
+    given). The base model's item embeddings
     are cached under `cache_dir` (they depend only on the LLM and the titles, not on the adapter).
     Returns `evaluate_llm`'s result plus "params" (the resolved config, LLM identity, device)."""
     from core.cache import cache_key, load_arrays, save_arrays
@@ -325,8 +338,10 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
             save_arrays(path, emb=items.numpy())
     else:
         item_seconds = 0.0
+    identity = {"llm": source.key(),
+                "adapter": file_digest(Path(cfg.adapter, "adapter_model.safetensors")) if cfg.adapter else None}
     result = evaluate_llm(model, tokenizer, ds, cfg, device=dev, items=items, template=template,
-                          progress=progress, cancel=cancel)
+                          progress=progress, cancel=cancel, journal=journal, identity=identity)
     result["seconds"] = {"load": load_seconds, "items": item_seconds, **result["seconds"],
                          "total": time.perf_counter() - t0}
     result["params"] = {**cfg.model_dump(mode="json"),

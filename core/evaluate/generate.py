@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.evaluate.journal import GenerationJournal, JournalRow
+
 log = logging.getLogger(__name__)
 
 CancelFn = Callable[[], bool]
@@ -116,13 +118,15 @@ def generate_batched(model, tokenizer, prompts: Sequence[Sequence[int]],
                      max_new_tokens: int = 128, batch_size: int = 16, device: torch.device | str = "cpu",
                      autocast: Callable = nullcontext, share_prefix: bool = True, generate: bool = True,
                      progress: Callable[[float, str], None] | None = None,
-                     cancel: CancelFn | None = None) -> GenerationResult:
+                     cancel: CancelFn | None = None, journal: GenerationJournal | None = None) -> GenerationResult:
     """Beam-search continuation of each tokenised prompt (decoded without special tokens, surrounding
     double quotes stripped) and, where `answers[i]` is given, the mean negative log-likelihood of
     those tokens after prompt i (teacher forced, in eval mode).
 
     Prompts are processed in batches of `batch_size` of similar length. `share_prefix` runs the
-    prefix common to all prompts once; `generate=False` computes only the likelihoods."""
+    prefix common to all prompts once; `generate=False` computes only the likelihoods. With a
+    `journal`, batches it holds are taken from it and each new one is recorded there (the batches
+    are the same on every run, so a resumed pass gives the results of an uninterrupted one)."""
     from transformers import GenerationConfig
 
     from core.surrogate.train import Cancelled
@@ -147,12 +151,20 @@ def generate_batched(model, tokenizer, prompts: Sequence[Sequence[int]],
     nll: list[float | None] = [None] * n
     scored = [0] * n
     new_tokens = 0
+    earlier = journal.seconds if journal is not None else 0.0
     order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
     for start in range(0, n, batch_size):
         if cancel is not None and cancel():
             raise Cancelled("generation cancelled")
         part = order[start:start + batch_size]
         b = len(part)
+        if journal is not None and all(i in journal.rows for i in part):
+            for i in part:
+                row = journal.rows[i]
+                texts[i], nll[i], scored[i] = row.text, row.nll, row.answer_tokens
+                new_tokens += row.new_tokens
+            continue
+        batch_started, batch_new = time.perf_counter(), [0] * b
         own = [list(prompts[i][plen:]) for i in part]
         ans = [list(answers[i] or []) for i in part]
         width, a_width = max(len(x) for x in own), max(len(a) for a in ans)
@@ -201,12 +213,16 @@ def generate_batched(model, tokenizer, prompts: Sequence[Sequence[int]],
                 row = out[r].tolist()
                 if tokenizer.eos_token_id in row:
                     row = row[:row.index(tokenizer.eos_token_id) + 1]
+                batch_new[r] = len(row)
                 new_tokens += len(row)
                 texts[i] = clean_generated(tokenizer.decode(row, skip_special_tokens=True))
+        if journal is not None:
+            journal.record({i: JournalRow(texts[i], nll[i], scored[i], batch_new[r]) for r, i in enumerate(part)},
+                           time.perf_counter() - batch_started)
         if progress is not None:
             done = start + b
-            progress(done / n, f"{done}/{n} users, {(time.perf_counter() - started) / done:.2f} s/user")
-    seconds = time.perf_counter() - started
+            progress(done / n, f"{done}/{n} users, {(time.perf_counter() - started + earlier) / done:.2f} s/user")
+    seconds = time.perf_counter() - started + earlier
     log.info("generation: %d prompts (shared prefix %d tokens) in %.1f s, %d new tokens", n, plen, seconds, new_tokens)
     return GenerationResult(texts, nll, scored, new_tokens, seconds)
 
