@@ -222,6 +222,57 @@ def test_cli_finetune_then_evaluate(workspace, capsys):
         assert "recall@10" in out
 
 
+def test_cli_finetune_and_evaluate_resume_after_ctrl_c(workspace, capsys, monkeypatch):
+    """Ctrl-C keeps fine-tuning's checkpoint and evaluation's generation journal; the same command
+    run again goes on from them and ends where an uninterrupted run does."""
+    import core.evaluate.journal as journal_mod
+    import core.finetune as finetune_mod
+
+    root, data, llm = workspace
+    common = ["--threads", "1", "--cache-dir", root / "cache", "--no-progress"]
+    assert run(capsys, "prune", "--data", data, "--limit-users", 24, "--method", "random", "--budget", 10,
+               "--llm", llm, "--out", root / "sel-r", *common)[0] == 0
+    train = ["--data", data, "--selection", root / "sel-r", "--epochs", 2, "--batch-size", 4, "--micro-batch-size", 2,
+             "--lr", "5e-3", "--warmup-steps", 1, *common]
+    assert run(capsys, "finetune", *train, "--out", root / "whole")[0] == 0
+
+    real_save = finetune_mod.save_checkpoint
+
+    def save_then_interrupt(*a, **kw):  # the checkpoint at epoch 1's end is written, then Ctrl-C
+        real_save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_mod, "save_checkpoint", save_then_interrupt)
+    code, _, err = run(capsys, "finetune", *train, "--out", root / "cut")
+    assert code == 130 and "rerun the same command to resume" in err
+    assert (root / "cut.resume.pt").is_file() and not (root / "cut" / "finetune.json").exists()
+    monkeypatch.setattr(finetune_mod, "save_checkpoint", real_save)
+    assert run(capsys, "finetune", *train, "--out", root / "cut")[0] == 0
+    assert not (root / "cut.resume.pt").exists()
+    whole, cut = (json.loads((root / d / "finetune.json").read_text()) for d in ("whole", "cut"))
+    assert cut["history"] == whole["history"] and cut["steps"] == whole["steps"]
+
+    evaluate = ["--data", data, "--adapter", root / "cut", "--limit-users", 24, "--test-users", 9, "--num-beams", 2,
+                "--max-new-tokens", 4, "--batch-size", 2, *common]
+    assert run(capsys, "evaluate", *evaluate, "--out", root / "eval-whole")[0] == 0
+    real_record = journal_mod.GenerationJournal.record
+
+    def record_then_interrupt(self, *a, **kw):  # the first batch is journaled, then Ctrl-C
+        real_record(self, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal_mod.GenerationJournal, "record", record_then_interrupt)
+    code, _, err = run(capsys, "evaluate", *evaluate, "--out", root / "eval-cut")
+    assert code == 130 and "rerun the same command to resume" in err
+    partial = root / "eval-cut" / "predictions.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 2  # the header and one batch
+    monkeypatch.setattr(journal_mod.GenerationJournal, "record", real_record)
+    assert run(capsys, "evaluate", *evaluate, "--out", root / "eval-cut")[0] == 0
+    assert not partial.exists()
+    got, want = ((root / d / "predictions.jsonl").read_text() for d in ("eval-cut", "eval-whole"))
+    assert got == want
+
+
 def test_cli_bad_input_is_one_message_and_exit_2(workspace, capsys, tmp_path):
     root, data, llm = workspace
     common = ["--threads", "1", "--cache-dir", root / "cache", "--no-progress", "--llm", llm]

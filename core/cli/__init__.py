@@ -51,5 +51,7 @@ def main(argv: list[str] | None = None, extra_commands: Callable[[Any], None] | 
         sys.stderr.write(f"dealrec: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        sys.stderr.write("dealrec: interrupted\n")
+        resumable = args.command in ("finetune", "evaluate")  # their checkpoint / generation journal is kept
+        sys.stderr.write("dealrec: interrupted" + ("; rerun the same command to resume from its last saved state\n"
+                                                   if resumable else "\n"))
         return 130

@@ -39,6 +39,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from core.effort.llm import resolve_llm
     from core.finetune import FinetuneError, check_out_dir, run_finetune
     from core.params import without_none
+    from core.stages.llm import finetune_checkpoint
 
     sel = read_selection(Path(args.selection))
     limit = sel["limit_users"]
@@ -74,6 +75,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         meta = run_finetune(ds, users, cfg, Path(args.out), cache_dir=cache_dir_of(args),
                             progress=lambda f, m: bars("finetune", f, m),
+                            checkpoint=finetune_checkpoint(Path(args.out)),
                             extra_meta={"selection": {"path": str(sel["path"].resolve()), "method": sel["method"],
                                                       "limit_users": limit}})
     except FinetuneError as exc:
@@ -128,7 +130,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"'{args.data}' has no user with a test item: nothing to evaluate")
     bars = Bars(enabled=not args.no_progress)
     try:
-        result = run_evaluate(ds, cfg, cache_dir=cache_dir_of(args), use_cache=not args.no_cache, progress=bars)
+        result = run_evaluate(ds, cfg, cache_dir=cache_dir_of(args), use_cache=not args.no_cache, progress=bars,
+                              journal=out_dir / "predictions.partial.jsonl")
     finally:
         bars.close()
     metrics = result["metrics"]
@@ -139,6 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     atomic_write_bytes(out_dir / "metrics.json", json.dumps(doc, indent=2).encode() + b"\n")
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["predictions"])
     atomic_write_bytes(out_dir / "predictions.jsonl", lines.encode())
+    (out_dir / "predictions.partial.jsonl").unlink(missing_ok=True)  # the run is kept whole: no resume needed
     out = sys.stdout
     out.write(f"\n{'adapter ' + args.adapter if args.adapter else 'base model'} on {metrics['users']} test users "
               f"({doc['seconds_per_user']:.2f} s per user)\n")

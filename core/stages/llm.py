@@ -3,6 +3,8 @@ the BIGRec evaluation of the fine-tuned adapter."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from core.data.dataset import RecDataset
 from core.progress import Phases
 from core.stages.base import ArtifactMissing, RunConfig, StageContext, StageOutput
@@ -18,9 +20,10 @@ def run_finetune(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutp
 
     if cfg.finetune is None or ctx.adapter_dir is None:
         raise ValueError("the finetune stage needs a fine-tuning config and an adapter folder")
+    # A task retried after its worker died (or a rerun after Ctrl-C) resumes the training loop.
     meta = finetune(ds, selected_indices(ctx), cfg.finetune, ctx.adapter_dir, cache_dir=ctx.cache_dir,
                     template=ctx.template, progress=ctx.reporter("finetune"), cancel=ctx.cancel,
-                    extra_meta=ctx.state.get("finetune_extra_meta"))
+                    extra_meta=ctx.state.get("finetune_extra_meta"), checkpoint=finetune_checkpoint(ctx.adapter_dir))
     ctx.state["finetune"] = meta
     return StageOutput(ctx.adapter_dir)
 
@@ -39,10 +42,26 @@ def run_evaluate(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutp
         if report is not None:
             report(EVALUATE_PHASES.fraction(phase, frac), f"{phase}: {msg}" if msg else phase)
 
+    # Generation can take hours: a retried task resumes after the batches its journal holds.
+    journal = evaluation_journal(ctx.adapter_dir)
     ctx.state["evaluation"] = evaluate(ds, evaluation_config(cfg, ctx), cache_dir=ctx.cache_dir,
                                        use_cache=ctx.use_cache, template=ctx.template, progress=progress,
-                                       cancel=ctx.cancel)
+                                       cancel=ctx.cancel, journal=journal)
+    journal.unlink(missing_ok=True)
     return StageOutput()
+
+
+def finetune_checkpoint(adapter_dir: Path) -> Path:
+    """Where an unfinished fine-tuning into `adapter_dir` keeps its loop state (beside the folder,
+    which is replaced as a whole when training ends)."""
+    adapter_dir = Path(adapter_dir).absolute()
+    return adapter_dir.with_name(f"{adapter_dir.name}.resume.pt")
+
+
+def evaluation_journal(adapter_dir: Path) -> Path:
+    """Where an unfinished evaluation of the adapter in `adapter_dir` journals its generation batches."""
+    adapter_dir = Path(adapter_dir).absolute()
+    return adapter_dir.with_name(f"{adapter_dir.name}.evaluate.partial.jsonl")
 
 
 def evaluation_config(cfg: RunConfig, ctx: StageContext):
