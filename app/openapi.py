@@ -92,7 +92,9 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 def state_limits(app: FastAPI, settings: Settings) -> None:
     """The app's schema states this server's limits: the upload routes' `files` get `maxItems` =
-    DEALREC_MAX_UPLOAD_FILES. Written into the schema each app generates (FastAPI's documented way
+    DEALREC_MAX_UPLOAD_FILES; with DEALREC_AUTH_DISABLED=1 no route asks for an API key (the scheme,
+    the routes' requirement of it and their 401 are gone: such a server never answers one).
+    Written into the schema each app generates (FastAPI's documented way
     to extend it), not into the routes' `openapi_extra`: the routers are module-level, shared by every
     app of the process, and FastAPI's generated schema is a fresh copy (jsonable_encoder), so two
     apps with other settings never see each other's value."""
@@ -106,9 +108,30 @@ def state_limits(app: FastAPI, settings: Settings) -> None:
                 files = content.get("multipart/form-data", {}).get("schema", {}).get("properties", {}).get("files")
                 if files is not None:
                     files["maxItems"] = settings.max_upload_files
+        if settings.auth_disabled:
+            _without_api_key(schema)
         return schema
 
     app.openapi = openapi_with_limits  # type: ignore[method-assign]
+
+
+def _without_api_key(schema: dict[str, Any]) -> None:
+    """Drop the tenant key from a schema (in place; idempotent): the scheme, each route's requirement
+    of it, and the 401 of the routes that required nothing else."""
+    name = API_KEY_SCHEME.scheme_name
+    schema.get("components", {}).get("securitySchemes", {}).pop(name, None)
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            if not isinstance(op, dict) or "security" not in op:
+                continue
+            kept = [req for req in op["security"] if name not in req]
+            if len(kept) == len(op["security"]):
+                continue
+            if any(req for req in kept):  # another credential is still checked (its 401 stays)
+                op["security"] = kept
+            else:  # nothing left to check: anyone gets in
+                del op["security"]
+                op.get("responses", {}).pop("401", None)
 
 
 UPLOAD = tenant_route(_UPLOAD_ERRORS, quota=True)

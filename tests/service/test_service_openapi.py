@@ -147,3 +147,21 @@ def test_a_405_names_every_method_of_the_path(http, method, path, allowed):
     if method != "HEAD":
         err = r.json()["error"]
         assert err["code"] == "method_not_allowed" and allowed in err["message"], err
+
+
+def test_a_server_without_authentication_asks_for_no_key(service_env):
+    """DEALREC_AUTH_DISABLED=1: no route requires the API key (nor says it answers 401 for one);
+    /metrics keeps its tokens, /readyz its optional metrics credentials."""
+    from app.main import create_app
+    from worker.service.settings import Settings
+
+    spec = create_app(Settings.from_env({**service_env, "DEALREC_AUTH_DISABLED": "1"})).openapi()
+    assert "apiKey" not in json.dumps(spec)
+    assert set(spec["components"]["securitySchemes"]) == {"metricsToken", "metricsAdminToken"}
+    ops = {(m, p): op for m, p, op in _operations(spec)}
+    tenant_routes = [op for (_, p), op in ops.items() if p.startswith("/v1/")]
+    assert len(tenant_routes) >= 15
+    assert all("security" not in op and "401" not in op["responses"] for op in tenant_routes)
+    assert ops[("GET", "/metrics")]["security"] == [{"metricsToken": []}, {"metricsAdminToken": []}]
+    assert "401" in ops[("GET", "/metrics")]["responses"]
+    assert ops[("GET", "/readyz")]["security"] == [{}, {"metricsToken": []}, {"metricsAdminToken": []}]
