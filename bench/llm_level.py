@@ -207,12 +207,20 @@ def has_metric(cell: dict[str, Any], metric: str) -> bool:
     return bool(users) and "metrics" in users[0]
 
 
+Z_ONE_SIDED_95, Z_POWER_80 = 1.6449, 0.8416  # standard normal quantiles 0.95 and 0.80
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
                      lower_is_better: bool = False) -> dict[str, float]:
     """Mean of a - b over the same users, its 95% percentile interval from resampling users, and the
     share of resamples in which a is not better than b (a one-sided bootstrap p-value for "a beats
     b"; better = larger, or smaller with `lower_is_better`). `a` and `b` may be (seeds, users): the
-    users are resampled, each keeping all of its seeds (the seeds of one user are not independent)."""
+    users are resampled, each keeping all of its seeds (the seeds of one user are not independent).
+
+    "mde80": the smallest true difference these users would show at p < 0.05 (one-sided) four times
+    in five, from the spread of the per-user differences, (z 0.95 + z 0.80) * sd / sqrt(users): what a
+    non-significant row can and cannot rule out (sparse hit metrics on a thousand users detect only
+    large effects)."""
     if a.shape != b.shape or a.size == 0:
         raise ValueError("paired samples need the same non-zero number of users")
     diff = a - b
@@ -221,8 +229,10 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int =
     means = per_user_diff[rng.integers(0, per_user_diff.size, size=(samples, per_user_diff.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     not_better = (means >= 0) if lower_is_better else (means <= 0)
+    spread = float(per_user_diff.std(ddof=1)) if per_user_diff.size > 1 else 0.0
     return {"diff": float(per_user_diff.mean()), "ci95": [float(lo), float(hi)],
-            "p_not_better": float(not_better.mean())}
+            "p_not_better": float(not_better.mean()),
+            "mde80": (Z_ONE_SIDED_95 + Z_POWER_80) * spread / float(np.sqrt(per_user_diff.size))}
 
 
 def _metrics_of(results: dict[LLMCell, dict[str, Any]], cells: Sequence[LLMCell]) -> list[str]:
@@ -337,6 +347,12 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
             seed = "**all**" if c["seed"] == "all" else c["seed"]
             lines.append(f"| {label(c['a'])} | {seed} | {c['users']} | {hits}"
                          + " | ".join(_fmt_diff(c[m]) for m in shown) + " |")
+        pooled = [c for c in comps if c["seed"] == "all"]
+        if pooled and all("mde80" in c[m] for c in pooled for m in shown):
+            lines += ["", ("Smallest difference each pooled comparison detects (p < 0.05 one-sided, 80% power, from "
+                           "the spread of its per-user differences): "
+                           + "; ".join(f"{label(c['a'])}: " + ", ".join(f"{SHORT.get(m, 'NLL')} {c[m]['mde80']:.4f}"
+                                                                        for m in shown) for c in pooled) + ".")]
     lines += ["", "## Cells", "",
               ("| row | seed | train samples | valid samples | epochs (best) | train loss first → last | "
                "valid loss best | fine-tune s (s/sample/epoch) | generate s (s/user) | this run |"),

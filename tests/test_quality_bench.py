@@ -168,6 +168,7 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     table = (out / "llm.md").read_text()
     assert "--llm-eval" in table and "| Random | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
     assert "| Random | **all** | 9 |" in table and "NLL difference" in table
+    assert "Smallest difference each pooled comparison detects" in table
 
     assert quality.main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
@@ -197,6 +198,10 @@ def test_paired_bootstrap():
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_not_better"] == 1.0
     with pytest.raises(ValueError, match="same"):
         paired_bootstrap(a, np.zeros(3))
+    # The smallest detectable difference: (z .95 + z .80) sd / sqrt(n); four times the users, half of it.
+    assert res["mde80"] == pytest.approx((1.6449 + 0.8416) * np.std(a, ddof=1) / 2)
+    assert paired_bootstrap(np.tile(a, 4), np.zeros(16), samples=100)["mde80"] < res["mde80"] / 1.9
+    assert same["mde80"] == 0.0
 
 
 def test_paired_bootstrap_pools_seeds_by_user_and_lower_is_better():
