@@ -140,7 +140,8 @@ def _checked_methods(names: list[str], flag: str) -> list[str]:
 def _needs_llm(method: str) -> bool:
     from core.selection import required_scores
 
-    return "effort" in required_scores(variants.base_method(method))
+    ref = variants.matched_reference(method)
+    return "effort" in required_scores(variants.base_method(ref or method))
 
 
 def label(method: str) -> str:
@@ -197,6 +198,9 @@ class Cell:
         # Everything the result depends on; FULL depends on the surrogate config and seed only.
         parts = {"surrogate": key_dump(cfg.surrogate), "seed": self.seed} if self.method == FULL \
             else {"cfg": key_dump(cfg, mode="json")}
+        if (ref := variants.matched_reference(self.method)) is not None:  # the draw copies that selection
+            parts["match"] = {"rule": "history-length-v1",
+                              "cfg": key_dump(prune_config(args, ref, self.seed, self.budget), mode="json")}
         key = cache_key("quality-cell", data=ds.fingerprint, method=self.method, budget=self.budget, **parts)
         return out / "cells" / f"{self.method}-seed{self.seed}-b{self.budget}-{key.rsplit('-', 1)[1]}.json"
 
@@ -242,6 +246,8 @@ def pruned_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     from core.pipeline import run_prune
 
     cfg = cell.cfg(ctx.args)
+    if (ref := variants.matched_reference(cell.method)) is not None:
+        return matched_cell(cell, ref, ctx)
     t0 = time.perf_counter()
     ctx.status(f"{cell.method} s{cell.seed} b{cell.budget} select")
     pruned = run_prune(ctx.ds, cfg, device=ctx.args.device, cache_dir=ctx.cache_dir, store_root=ctx.args.effort_store,
@@ -255,6 +261,26 @@ def pruned_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
                           stages={name: {"seconds": round(rec.seconds, 3), "cached": rec.cached,
                                          "skipped": rec.skipped} for name, rec in pruned.stages.items()})
     return {**record, **_score_refs(ctx.out, pruned)}
+
+
+def matched_cell(cell: Cell, ref: str, ctx: Context) -> dict[str, Any]:
+    """`random+match=M`: a random draw with the history lengths of M's selection (same seed and
+    budget; M's cell is run first if need be), trained on as every other cell (bench/matched.py)."""
+    from bench.matched import history_lengths, length_matched_draw
+    from core.evaluate.surrogate import surrogate_level
+
+    reference, _ = run_cell(Cell(ref, cell.seed, cell.budget), ctx)
+    t0 = time.perf_counter()
+    selected = length_matched_draw(ctx.ds, reference["selected"], cell.seed)
+    select_seconds = time.perf_counter() - t0
+    lengths = history_lengths(ctx.ds)
+    shared = len(set(selected) & set(reference["selected"]))
+    notes = [f"history lengths of {ref}'s selection (mean {lengths[reference['selected']].mean():.2f} items, "
+             f"pool {lengths.mean():.2f}); {shared} of {len(selected)} samples are also in it"]
+    cfg = cell.cfg(ctx.args)
+    quality = surrogate_level(ctx.ds, selected, cfg.surrogate, cfg.seed, device=ctx.device,
+                              progress=_train_progress(ctx, cell))
+    return _cell_record(cell, select_seconds, quality, selected=selected, notes=notes, stages={})
 
 
 def _score_refs(out: Path, pruned) -> dict[str, Any]:

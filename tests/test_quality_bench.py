@@ -92,6 +92,42 @@ def test_full_data_row_reuses_the_pipeline_surrogate(data_dir, tmp_path):
     assert fresh["best_epoch"] == full["eval"]["best_epoch"] and fresh["selected"] == ds.n_users
 
 
+def test_length_matched_random_copies_the_history_lengths_of_its_reference(data_dir, tmp_path):
+    """random+match=M: as many samples of each history length as M's selection of the same seed and
+    budget, drawn at random within each length (seeded); its cell is keyed to M's configuration."""
+    from bench.matched import history_lengths, length_matched_draw
+
+    quality = _quality_module()
+    ds = load_dataset(data_dir)
+    lengths = history_lengths(ds)
+    reference = [int(i) for i in np.argsort(-lengths, kind="stable")[:12]]  # the longest histories
+    drawn = length_matched_draw(ds, reference, seed=3)
+    assert sorted(lengths[drawn].tolist()) == sorted(lengths[reference].tolist())
+    assert len(set(drawn)) == 12 and drawn == length_matched_draw(ds, reference, seed=3)
+    mid = [int(i) for i in np.flatnonzero(lengths == np.bincount(lengths).argmax())[:2]]  # the commonest length
+    assert {tuple(length_matched_draw(ds, mid, seed=s)) for s in range(8)} != {tuple(sorted(mid))}
+    with pytest.raises(ValueError, match="distinct"):
+        length_matched_draw(ds, [0, 0], seed=0)
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--data", str(data_dir), "--methods", "el2n,random+match=el2n", "--seeds", "1", "--budgets", "10",
+            "--skip-ratio", "--epochs", "2", "--threads", "1", "--out", str(out), "--cache-dir", str(cache),
+            "--no-progress"]
+    assert quality.main(argv) == 0
+    cells = {c["method"]: c for c in (json.loads(p.read_text()) for p in (out / "cells").glob("*.json"))}
+    el2n, matched = cells["el2n"]["selected"], cells["random+match=el2n"]["selected"]
+    assert sorted(lengths[matched].tolist()) == sorted(lengths[el2n].tolist()) and len(matched) == 10
+    assert "history lengths of el2n" in matched_note(cells["random+match=el2n"])
+    assert "Random (history lengths of EL2N)" in (out / "results.md").read_text()
+    for bad in ("random+match=random", "el2n+match=dealrec", "random+match=el2n+rank", "random+match=nope"):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--data", "d", "--methods", bad])
+
+
+def matched_note(cell: dict) -> str:
+    return " ".join(cell["notes"])
+
+
 def test_surrogate_level_treats_the_selection_as_a_set(data_dir):
     ds = load_dataset(data_dir)
     cfg = SurrogateConfig(epochs=2, hidden_size=16, num_heads=2)
