@@ -55,6 +55,11 @@ class Job:
         return self.raw.get("stage")
 
     @property
+    def held_position(self) -> int | None:
+        """A queued job waiting for one of the tenant's running jobs to end: its place in line (1 = next)."""
+        return self.raw.get("held_position")
+
+    @property
     def progress(self) -> float:
         return float(self.raw.get("progress") or 0.0)
 
@@ -97,7 +102,8 @@ class Job:
             while True:
                 self.refresh()
                 if bar:
-                    bar.update(self.status, self.stage, self.progress, self.estimated_finish)
+                    held = f" (held: #{self.held_position} in line)" if self.held_position else ""
+                    bar.update(self.status + held, self.stage, self.progress, self.estimated_finish)
                 if self.done:
                     break
                 if deadline is not None:

@@ -45,7 +45,7 @@ export async function jobsView(main, token, query) {
         h("td", {}, badge(j.status)),
         h("td", {text: j.request.method || "dealrec"}),
         h("td", {class: "num", text: j.request.budget ?? ""}),
-        h("td", {text: j.status === "running" ? `${j.stage || ""} ${Math.round(100 * j.progress)}%` : (j.status === "succeeded" ? "100%" : "")}),
+        h("td", {text: j.status === "running" ? `${j.stage || ""} ${Math.round(100 * j.progress)}%` : (j.status === "succeeded" ? "100%" : heldText(j))}),
         h("td", {class: "hide-narrow"}, h("code", {text: j.dataset_id})),
         h("td", {class: "hide-narrow", text: fmtTime(j.created_at)})))))));
     const pager = h("div", {class: "pager"});
@@ -114,7 +114,7 @@ function renderJobHead(box, job) {
   box.append(h("div", {class: "card"},
     h("div", {class: "progress-row"}, h("span", {id: "job-status"}, badge(job.status)),
       h("progress", {id: "job-progress", max: 1, value: job.progress || 0, "aria-label": `progress ${pct}%`}),
-      h("span", {id: "job-progress-text", text: `${pct}%${job.stage ? ` · ${job.stage}` : ""}${eta ? ` · ${eta}` : ""}`}),
+      h("span", {id: "job-progress-text", text: `${pct}%${job.stage ? ` · ${job.stage}` : ""}${eta ? ` · ${eta}` : ""}${job.held_position ? ` · ${heldText(job)}` : ""}`}),
       TERMINAL.has(job.status) ? null : h("button", {type: "button", class: "danger", id: "job-cancel",
         disabled: job.cancel_requested, onclick: async (ev) => {
           ev.target.disabled = true;
@@ -136,6 +136,11 @@ function renderJobHead(box, job) {
     stagesTable(job),
     job.status === "succeeded" ? downloads(job) : null,
     h("details", {}, h("summary", {text: "All parameters"}), h("pre", {class: "mono", text: JSON.stringify(job.params || job.request, null, 1)}))));
+}
+
+// A queued job held by fair dispatch (DEALREC_TENANT_MAX_RUNNING): its place in line.
+function heldText(job) {
+  return job.held_position ? `held: #${job.held_position} in line, until one of your running jobs ends` : "";
 }
 
 function stagesTable(job) {

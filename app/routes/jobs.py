@@ -45,7 +45,7 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
                                         quotas=ctx.quotas)
     except JobRequestError as exc:
         raise ApiError(exc.status, exc.code, exc.message, **exc.extra) from None
-    out = JobOut.of(job)
+    out = _out(ctx, tenant, [job])[0]
     return JSONResponse(out.model_dump(mode="json"), status_code=202 if created else 200,
                         headers={"Location": f"/v1/jobs/{job.id}",
                                  **({} if created else {"Idempotent-Replayed": "true"})})
@@ -54,13 +54,21 @@ def start_prune(req: PruneRequest, request: Request, tenant: str = Depends(requi
 @router.get("/jobs", response_model=JobList, responses=openapi.LIST)
 def list_jobs(request: Request, tenant: str = Depends(require_tenant), status: JobStatusFilter | None = None,
               cursor: str | None = Query(None, max_length=64), limit: int = Query(50, ge=1, le=200)) -> JobList:
-    items, nxt = get_ctx(request).store.list_jobs(tenant, status, cursor, limit)
-    return JobList(items=[JobOut.of(j) for j in items], next_cursor=nxt)
+    ctx = get_ctx(request)
+    items, nxt = ctx.store.list_jobs(tenant, status, cursor, limit)
+    return JobList(items=_out(ctx, tenant, items), next_cursor=nxt)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=openapi.JOB)
 def get_job(job_id: openapi.JobId, request: Request, tenant: str = Depends(require_tenant)) -> JobOut:
-    return JobOut.of(_job(get_ctx(request), job_id, tenant))
+    ctx = get_ctx(request)
+    return _out(ctx, tenant, [_job(ctx, job_id, tenant)])[0]
+
+
+def _out(ctx: ServiceContext, tenant: str, jobs: list[JobRecord]) -> list[JobOut]:
+    """The jobs as the API shows them, a queued one with its place among the tenant's held jobs."""
+    held = ctx.quotas.held_positions(tenant, [j.id for j in jobs if j.status == "queued"])
+    return [JobOut.of(j, held.get(j.id)) for j in jobs]
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventList, responses=openapi.JOB)

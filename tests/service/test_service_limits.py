@@ -97,6 +97,12 @@ def test_a_full_tenant_gets_429_and_another_tenants_job_starts_at_once(svc):
         for job in jobs[1:]:
             assert _messages(svc, job["id"], "burst")[0].startswith("job queued; held until"), job
         assert svc.quotas().job_usage("burst") == {"active": 3, "held": 2}
+        # Each job says where it stands: the first is with the workers, the others 1st and 2nd in line,
+        # in the answer to its creation, to a poll and in the list.
+        assert [j["held_position"] for j in jobs] == [None, 1, 2]
+        assert [svc("GET", f"/v1/jobs/{j['id']}", tenant="burst").json()["held_position"] for j in jobs] == [None, 1, 2]
+        listed = {j["id"]: j["held_position"] for j in svc("GET", "/v1/jobs", tenant="burst").json()["items"]}
+        assert [listed[j["id"]] for j in jobs] == [None, 1, 2]
         # The fourth: the tenant is at DEALREC_TENANT_MAX_JOBS.
         err = _quota_error(_prune(svc, burst["id"], "burst", seed=9), "jobs", 3, 3)
         assert err["setting"] == "DEALREC_TENANT_MAX_JOBS"
@@ -108,7 +114,7 @@ def test_a_full_tenant_gets_429_and_another_tenants_job_starts_at_once(svc):
     other = wait_job(svc, r.json()["id"], tenant="calm", timeout=60)
     assert other["status"] == "succeeded", other
     done = [wait_job(svc, j["id"], tenant="burst", timeout=60) for j in jobs]
-    assert all(j["status"] == "succeeded" for j in done), done
+    assert all(j["status"] == "succeeded" and j["held_position"] is None for j in done), done
     # It started while the first tenant still had jobs waiting (both held ones started after it) ...
     assert _time(other, "started_at") < min(_time(j, "started_at") for j in done[1:]), (other, done)
     # ... and within seconds of its request (it waited for one job of the other tenant at most).

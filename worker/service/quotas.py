@@ -188,6 +188,19 @@ class TenantQuotas:
         now = _now_ms()
         return list(self._claim_stale(keys=[self._dispatching], args=[now - int(older_than_s * 1000), now, limit]))
 
+    def held_positions(self, tenant: str, job_ids: Iterable[str]) -> dict[str, int]:
+        """Each of these jobs' place in its tenant's held list, 1 = the next one handed to the workers
+        when one of the tenant's running jobs ends; a job not held is left out. One round trip (LPOS on
+        a list no longer than DEALREC_TENANT_MAX_JOBS)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        with self.store.r.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.lpos(self._key(tenant, "held"), job_id)
+            found = p.execute()
+        return {job_id: int(pos) + 1 for job_id, pos in zip(ids, found) if pos is not None}
+
     def tenants_waiting(self) -> list[str]:
         """Tenants with held jobs (Redis removes an emptied list, so every held list found has some)."""
         head, tail = self.store.key("tenant", ""), ":held"

@@ -51,14 +51,18 @@ class JobOut(BaseModel):
     reused_stages: list[str] = Field(default_factory=list)
     attempts: int = 0
     cancel_requested: bool = False
+    # A queued job waiting for one of its tenant's running jobs to end (fair dispatch,
+    # DEALREC_TENANT_MAX_RUNNING): its place among the tenant's held jobs, 1 = next; null otherwise.
+    held_position: int | None = None
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, rec: JobRecord) -> JobOut:
+    def of(cls, rec: JobRecord, held_position: int | None = None) -> JobOut:
         data = rec.model_dump(exclude={"tenant", "worker", "updated_at", "artifacts", "effort_info", "handoff",
                                       "handoff_id", "handoff_sent", "blocked"})
         data["estimated_finish"] = _eta(rec)
+        data["held_position"] = held_position if rec.status == "queued" else None
         if rec.status == "succeeded" and rec.result is not None:
             base = f"/v1/jobs/{rec.id}"
             data["result"] = {**rec.result, "links": {
