@@ -160,6 +160,8 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
     # Generation for all test users takes an hour or more on one core: its finished batches are kept
     # beside the cell (commit the file to carry an unfinished cell to another session or machine).
     journal = path.with_name(f"{path.stem}.partial.jsonl")
+    if args.fresh:  # recompute means recompute: no batch of an earlier run is reused
+        journal.unlink(missing_ok=True)
     result = run_evaluate(
         ctx.ds, eval_config(args, adapter), cache_dir=ctx.cache_dir, journal=journal,
         progress=lambda stage, f, m="": ctx.status(f"{cell.label()} eval {stage} {100 * f:.0f}%: {m}"))

@@ -19,6 +19,8 @@ import numpy as np
 
 from core.data.dataset import RecDataset
 
+MATCH_STREAM = 0x6D61746368  # "match"
+
 
 def history_lengths(ds: RecDataset) -> np.ndarray:
     """Per sample, the number of items before its target (as core.diagnostics counts them)."""
@@ -32,7 +34,8 @@ def length_matched_draw(ds: RecDataset, reference: Sequence[int], seed: int) -> 
     ref = np.asarray(reference, dtype=np.int64)
     if ref.size and (ref.min() < 0 or ref.max() >= ds.n_samples or np.unique(ref).size != ref.size):
         raise ValueError("the reference selection must be distinct sample indices of the pool")
-    rng = np.random.default_rng(seed)
+    # A stream of its own: not the one the reference method's own sampling drew from with this seed.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, MATCH_STREAM]))
     chosen: list[int] = []
     for length, count in sorted(Counter(lengths[ref].tolist()).items()):
         pool = np.flatnonzero(lengths == length)

@@ -199,7 +199,7 @@ class Cell:
         parts = {"surrogate": key_dump(cfg.surrogate), "seed": self.seed} if self.method == FULL \
             else {"cfg": key_dump(cfg, mode="json")}
         if (ref := variants.matched_reference(self.method)) is not None:  # the draw copies that selection
-            parts["match"] = {"rule": "history-length-v1",
+            parts["match"] = {"rule": "history-length-v2",
                               "cfg": key_dump(prune_config(args, ref, self.seed, self.budget), mode="json")}
         key = cache_key("quality-cell", data=ds.fingerprint, method=self.method, budget=self.budget, **parts)
         return out / "cells" / f"{self.method}-seed{self.seed}-b{self.budget}-{key.rsplit('-', 1)[1]}.json"

@@ -81,9 +81,20 @@ def test_a_journal_of_another_evaluation_or_a_torn_line_is_not_trusted(setup, tm
     assert generate_batched(model, tok, prompts, answers, **kw, journal=journal).texts == want.texts
     assert all(isinstance(x, dict) for x in _lines(path))
 
-    # Another key (other prompts, settings or weights): the file is started afresh.
+    # A batch recorded twice (two runs at once) counts once.
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, lines[1]]) + "\n")
+    twice = GenerationJournal(path, "a")
+    assert twice.seconds == pytest.approx(sum(json.loads(x)["seconds"] for x in lines[1:]))
+
+    # Another key (other prompts, settings or weights): nothing is reused, and the file stays as it is
+    # until the new evaluation records its first batch, which replaces it.
+    before = path.read_text()
     other = GenerationJournal(path, "b")
-    assert other.rows == {} and not path.exists()
+    assert other.rows == {} and path.read_text() == before
+    with pytest.raises(Cancelled):
+        generate_batched(model, tok, prompts, answers, **kw, journal=other, cancel=_stop_after(1))
+    assert [x.get("key") for x in _lines(path)][:1] == ["b"] and len(_lines(path)) == 2
 
 
 def test_evaluate_llm_keys_its_journal_to_the_model_identity(setup, tmp_path):
@@ -105,9 +116,44 @@ def test_evaluate_llm_keys_its_journal_to_the_model_identity(setup, tmp_path):
     resumed = evaluate_llm(model, tok, ds, cfg, items=items, journal=path, identity={"adapter": "w1"})
     assert resumed["predictions"] == full["predictions"] and resumed["metrics"] == full["metrics"]
     key = _lines(path)[0]["key"]
+    # The generation time of the earlier, interrupted run counts in the resumed run's.
+    assert resumed["seconds"]["generate"] >= sum(b["seconds"] for b in _lines(path)[1:3])
     # Other weights (or other settings) make another key: nothing of the old journal is reused.
     evaluate_llm(model, tok, ds, cfg, items=items, journal=path, identity={"adapter": "w2"})
     other_weights = _lines(path)[0]["key"]
     evaluate_llm(model, tok, ds, cfg.model_copy(update={"max_new_tokens": 3}), items=items, journal=path,
                  identity={"adapter": "w2"})
     assert len({key, other_weights, _lines(path)[0]["key"]}) == 3
+
+
+def test_a_journal_is_keyed_to_the_weights_not_to_where_they_lie(setup, tmp_path):
+    """Carried to another folder (another session's checkout, another machine), a journal still
+    resumes: its key holds the weights' content and the settings, not the adapter's or LLM's path."""
+    import shutil
+
+    tok, model, ds, _, _ = setup
+    cfg = LLMEvalConfig(num_beams=1, max_new_tokens=3, test_users=8, batch_size=2)
+    items = torch.zeros((ds.n_items, model.config.hidden_size))
+    here = tmp_path / "a" / "cell.partial.jsonl"
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    with pytest.raises(EvaluationCancelled):
+        evaluate_llm(model, tok, ds, cfg.model_copy(update={"adapter": "/old/place"}), items=items, journal=here,
+                     cancel=stop)
+    there = tmp_path / "b" / "cell.partial.jsonl"
+    there.parent.mkdir()
+    shutil.copy(here, there)
+    assert len(GenerationJournal(there, _lines(there)[0]["key"]).rows) == 2
+    moved = cfg.model_copy(update={"adapter": "/new/place", "llm": "/elsewhere/model"})
+    resumed = evaluate_llm(model, tok, ds, moved, items=items, journal=there)
+    assert _lines(there)[1] == _lines(here)[1]  # the carried batch was kept, not replaced
+    assert resumed["predictions"] == evaluate_llm(model, tok, ds, cfg, items=items)["predictions"]
+    # Other weights are another key.
+    from core.evaluate.journal import weights_fingerprint
+
+    other = tiny_llama(len(tok), seed=6).eval()
+    assert weights_fingerprint(other) != weights_fingerprint(model)

@@ -33,6 +33,7 @@ from core.effort.score import EffortCancelled
 from core.influence import SolverDiverged
 from core.instrument import StageRecord, StageTimer
 from core.stages.base import ArtifactMissing, RunConfig, StageContext
+from core.stages.llm import evaluation_journal
 from core.stages.run import run_stage, skipped
 from core.surrogate.train import Cancelled
 from worker.deliveries import PARKED_CODE, PARKED_JOB, Delivery
@@ -218,6 +219,9 @@ class _Segment:
                 self._complete(stage, final=last)
                 if last:
                     self._finish()
+                if stage == "evaluate":  # recorded in the job now: its generation journal has served
+                    evaluation_journal(self.ctx.adapter_dir).unlink(missing_ok=True)
+                if last:
                     return Outcome("succeeded")
             nxt, _ = next_segment(self.stages, self.completed, self.settings)
             token = record_handoff(self.store, self.job_id, nxt, allowed=["running"], queue=nxt)

@@ -40,7 +40,7 @@ from core.effort.prompts import (
     tokenize_samples,
 )
 from core.evaluate.generate import generate_batched, mean_nll
-from core.evaluate.journal import GenerationJournal, file_digest, fingerprint
+from core.evaluate.journal import GenerationJournal, file_digest, fingerprint, weights_fingerprint
 from core.progress import uninterruptible
 from core.surrogate.metrics import recall_ndcg_at_k
 from core.surrogate.train import Cancelled
@@ -209,8 +209,8 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
 
     `journal`: a file in which each finished generation batch is recorded, so that a rerun after an
     interruption resumes there (core.evaluate.journal; the caller removes it once the result is kept).
-    It is valid for these prompts, answers, settings and dataset, and for `identity` (what the caller
-    knows of the model: the LLM's key, the adapter's weights digest)."""
+    It is valid for these prompts, answers, settings, dataset and weights (sampled), and for `identity`
+    (what the caller adds, e.g. the adapter file's digest)."""
     template = template or PromptTemplate()
     dev = torch.device(device)
     times: dict[str, float] = {}
@@ -229,8 +229,10 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     _report(progress, "generate", 0.0, f"{len(users)} users")
     record = None
     if journal is not None:
+        # Content, never paths: the LLM and adapter by their weights, the settings without where they lie.
+        settings = cfg.model_dump(mode="json", exclude={"llm", "gguf_file", "adapter", "device"})
         record = GenerationJournal(journal, fingerprint(
-            cfg.model_dump(mode="json"), str(dev), ds.fingerprint, identity or {},
+            settings, str(dev), ds.fingerprint, identity or {}, weights_fingerprint(model),
             [list(p) for p in prompts], [list(a) for a in answers] if answers is not None else None))
     gen = generate_batched(model, tokenizer, prompts, answers, num_beams=cfg.num_beams,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=dev,
@@ -238,7 +240,7 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
                            generate=cfg.generate, progress=lambda f, m: _report(progress, "generate", f, m),
                            cancel=lambda: _check(cancel) or False, journal=record)
     generated = gen.texts
-    times["generate"] = time.perf_counter() - t
+    times["generate"] = time.perf_counter() - t + (record.seconds if record is not None else 0.0)
     if not cfg.generate:
         _report(progress, "ground", 1.0, "no generation")
         return {"metrics": {"users": len(users), "nll": mean_nll(gen.nll)},
@@ -338,8 +340,8 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
             save_arrays(path, emb=items.numpy())
     else:
         item_seconds = 0.0
-    identity = {"llm": source.key(),
-                "adapter": file_digest(Path(cfg.adapter, "adapter_model.safetensors")) if cfg.adapter else None}
+    # The adapter's whole file, beside the sampled weights evaluate_llm digests.
+    identity = {"adapter": file_digest(Path(cfg.adapter, "adapter_model.safetensors")) if cfg.adapter else None}
     result = evaluate_llm(model, tokenizer, ds, cfg, device=dev, items=items, template=template,
                           progress=progress, cancel=cancel, journal=journal, identity=identity)
     result["seconds"] = {"load": load_seconds, "items": item_seconds, **result["seconds"],

@@ -42,12 +42,11 @@ def run_evaluate(ds: RecDataset, cfg: RunConfig, ctx: StageContext) -> StageOutp
         if report is not None:
             report(EVALUATE_PHASES.fraction(phase, frac), f"{phase}: {msg}" if msg else phase)
 
-    # Generation can take hours: a retried task resumes after the batches its journal holds.
-    journal = evaluation_journal(ctx.adapter_dir)
+    # Generation can take hours: a retried task resumes after the batches its journal holds (the
+    # runner removes it once the job's record holds the evaluation).
     ctx.state["evaluation"] = evaluate(ds, evaluation_config(cfg, ctx), cache_dir=ctx.cache_dir,
                                        use_cache=ctx.use_cache, template=ctx.template, progress=progress,
-                                       cancel=ctx.cancel, journal=journal)
-    journal.unlink(missing_ok=True)
+                                       cancel=ctx.cancel, journal=evaluation_journal(ctx.adapter_dir))
     return StageOutput()
 
 

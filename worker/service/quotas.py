@@ -190,16 +190,13 @@ class TenantQuotas:
 
     def held_positions(self, tenant: str, job_ids: Iterable[str]) -> dict[str, int]:
         """Each of these jobs' place in its tenant's held list, 1 = the next one handed to the workers
-        when one of the tenant's running jobs ends; a job not held is left out. One round trip (LPOS on
-        a list no longer than DEALREC_TENANT_MAX_JOBS)."""
-        ids = list(job_ids)
+        when one of the tenant's running jobs ends; a job not held is left out. One LRANGE of a list no
+        longer than DEALREC_TENANT_MAX_JOBS (any Redis version; LPOS would need 6.0.6)."""
+        ids = set(job_ids)
         if not ids:
             return {}
-        with self.store.r.pipeline(transaction=False) as p:
-            for job_id in ids:
-                p.lpos(self._key(tenant, "held"), job_id)
-            found = p.execute()
-        return {job_id: int(pos) + 1 for job_id, pos in zip(ids, found) if pos is not None}
+        line = self.store.r.lrange(self._key(tenant, "held"), 0, -1)
+        return {job_id: place for place, job_id in enumerate(line, start=1) if job_id in ids}
 
     def tenants_waiting(self) -> list[str]:
         """Tenants with held jobs (Redis removes an emptied list, so every held list found has some)."""
