@@ -84,7 +84,7 @@ def test_extend_then_prune_warm_started(tmp_path):
     cache = tmp_path / "cache"
     r = _dealrec("extend", "--data", old, "--add", add, "--out", tmp_path / "v2", cache=cache)
     assert r.returncode == 0, r.stderr
-    assert "users 60 -> 70" in r.stdout
+    assert "users 60 -> 70 (training samples " in r.stdout
     common = ["--method", "influence", "--budget", "10", "--epochs", "10", "--no-progress"]
     r = _dealrec("prune", "--data", tmp_path / "v2", "--warm-start", old, *common, "--out", tmp_path / "o", cache=cache)
     assert r.returncode == 2 and "prune it first" in r.stderr and "Traceback" not in r.stderr

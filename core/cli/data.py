@@ -53,6 +53,8 @@ def cmd_extend(args: argparse.Namespace) -> int:
         except Exception:
             shutil.rmtree(out, ignore_errors=True)  # no half-made version is left behind
             raise
-    sys.stdout.write(f"wrote {out}: {', '.join(changed)} extended; users {before.n_users} -> {after.n_users}, "
+    # Samples beside users: a user whose only items are validation / test ones counts but has no sample.
+    sys.stdout.write(f"wrote {out}: {', '.join(changed)} extended; users {before.n_users} -> {after.n_users} "
+                     f"(training samples {before.n_samples} -> {after.n_samples}), "
                      f"items {before.n_items} -> {after.n_items}, fingerprint {after.fingerprint}\n")
     return 0
