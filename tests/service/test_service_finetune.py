@@ -117,6 +117,37 @@ def test_cancel_during_finetune(api, dataset, settings):
     assert nxt["status"] == "succeeded"
 
 
+def test_an_evaluation_whose_worker_died_resumes_from_its_journal(api, dataset, settings, worker):
+    """The worker is SIGKILLed in the middle of the evaluation's generation: the next delivery goes on
+    after the batches the journal holds (beside the job's adapter), the journal is gone once the job
+    succeeded, and the metrics are those of the same job run without interruption."""
+    slow = {**FINETUNE, "evaluate": {"num_beams": 4, "max_new_tokens": 256}}  # every test user, long beams
+    body = {"budget": 10, "method": "random", "seed": 5, "params": {"effort": {"llm": "tiny"}}, "finetune": slow}
+    job = _prune(api, dataset["id"], **body)
+    journal = Path(settings.data_dir, "jobs", job["id"], "adapter.evaluate.partial.jsonl")
+    wait_for(lambda: len(journal.read_text().splitlines()) if journal.is_file() else 0, lambda n: n >= 3,
+             timeout=300, interval=0.05)  # the header and two batches
+    worker.kill()
+    done_before = len([x for x in journal.read_text().splitlines()[1:] if _whole_json(x)])  # batches recorded
+    worker.start()
+    done = wait_job(api, job["id"], timeout=300)
+    assert done["status"] == "succeeded", done
+    assert not journal.exists()
+    log = worker.log.read_text(errors="replace")
+    assert "resuming after" in log and f"after {4 * done_before} finished prompts" in log, log[-3000:]
+    again = wait_job(api, _prune(api, dataset["id"], **body)["id"], timeout=300)
+    assert again["status"] == "succeeded", again
+    assert again["result"]["metrics"] == done["result"]["metrics"]
+
+
+def _whole_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False  # cut short by the kill
+    return True
+
+
 @pytest.mark.parametrize("body, field", [
     ({"finetune": {"epochs": 0}}, "finetune.epochs"),
     ({"finetune": {"micro_batch_size": 9, "batch_size": 4}}, "micro_batch_size"),
