@@ -293,5 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if selection_equal else 1
 
 
+def run(argv: list[str] | None = None) -> int:
+    """`main`, with a failed job, dataset or process reported as one message (what failed and the
+    worker's last log lines) and exit status 1 instead of a traceback."""
+    try:
+        return main(argv)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        sys.stderr.write(f"scale: error: {exc}\n")
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
