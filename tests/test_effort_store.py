@@ -134,3 +134,39 @@ def test_effort_stage_scores_only_new_samples_and_equals_a_cold_run(tiny_llm, tm
     assert len(tokens) == 40
     again, info, _, _ = effort_stage(ds, cfg, dev, warm, template)
     assert info.get("cached") and np.array_equal(again, cold)
+
+
+def test_the_model_key_is_its_content_not_its_path_or_date(tmp_path):
+    """Cache and store keys name the model by content: a copy at another path with other file dates
+    (a reinstall, another checkout or machine) keeps the key; other weights change it; a README does not."""
+    import os
+    import shutil
+
+    from tiny_llm import tiny_model_folder
+
+    from core.effort import llm as llm_mod
+    from core.effort.llm import resolve_llm
+
+    here = tiny_model_folder(tmp_path / "a")
+    there = tmp_path / "elsewhere" / "b"
+    shutil.copytree(here, there)
+    for p in there.iterdir():
+        os.utime(p, ns=(1, 1))
+    (there / "README.md").write_text("notes")
+    key = resolve_llm(str(here)).key()
+    assert resolve_llm(str(there)).key() == key
+    weights = next(p for p in there.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert resolve_llm(str(there)).key() != key
+    # A file too big to hash whole is sampled in windows spread over it, its size included.
+    big = tmp_path / "big.gguf"
+    big.write_bytes(bytes(3000))
+    small_whole, llm_mod.WHOLE_FILE_BYTES = llm_mod.WHOLE_FILE_BYTES, 1000
+    try:
+        first = resolve_llm(str(big)).key()
+        big.write_bytes(bytes(2999) + b"\1")  # the last window sees it
+        assert resolve_llm(str(big)).key() != first
+    finally:
+        llm_mod.WHOLE_FILE_BYTES = small_whole

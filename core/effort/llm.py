@@ -3,6 +3,7 @@ Hugging Face folder, or a GGUF file; then a seeded LoRA adapter as in the refere
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -32,10 +33,48 @@ class LLMSource:
     gguf_file: str | None
 
     def key(self) -> str:
-        """Identity of the weights, for cache keys: path, size and mtime of what is loaded."""
-        target = self.folder / self.gguf_file if self.gguf_file else self.folder / "config.json"
-        st = target.stat()
-        return hashlib.sha256(f"{target.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        """Identity of the model, for cache and effort-store keys: the content of what is loaded (the
+        GGUF file; or the folder's config, tokenizer and weight files), never its path or date, so that
+        a reinstall, another checkout or another machine with the same model finds every cache and
+        store entry again (committed effort stores, a store shared by workers on several machines)."""
+        files = [self.folder / self.gguf_file] if self.gguf_file else sorted(
+            p for p in self.folder.iterdir() if p.is_file() and _is_model_file(p.name))
+        return _content_key(tuple((str(p.resolve()), *_stat(p)) for p in files))
+
+
+# What identifies a model folder: its config, tokenizer and weights (not READMEs, licences, caches).
+_MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".gguf", ".tiktoken")
+_MODEL_NAMES = ("merges.txt", "vocab.txt")
+WHOLE_FILE_BYTES = 256 << 20  # files up to this size are hashed whole (SmolLM2's GGUF: 98 MB)
+WINDOWS, WINDOW_BYTES = 64, 64 << 10  # larger ones: 64 windows of 64 KiB, evenly spread, and the size
+
+
+def _is_model_file(name: str) -> bool:
+    return name.endswith(_MODEL_SUFFIXES) or name in _MODEL_NAMES
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _content_key(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Digest of the files' names (without their folder) and contents. Cached per process by path,
+    size and mtime: the hashing (a fraction of a second for SmolLM2; windows, not whole shards, for a
+    7B model) runs once."""
+    h = hashlib.sha256()
+    for path, size, _mtime in files:
+        h.update(f"{Path(path).name}|{size}|".encode())
+        with open(path, "rb") as f:
+            if size <= WHOLE_FILE_BYTES:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                for i in range(WINDOWS):
+                    f.seek(max(0, size - WINDOW_BYTES) * i // (WINDOWS - 1))
+                    h.update(f.read(WINDOW_BYTES))
+    return h.hexdigest()[:16]
 
 
 def resolve_llm(llm: str, gguf_file: str | None = None) -> LLMSource:
