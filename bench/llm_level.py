@@ -128,6 +128,7 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
     `selection_of(method, seed, budget)` gives the surrogate-level cell's selected sample indices."""
     from core.evaluate.bigrec import run_evaluate
     from core.finetune import read_meta, run_finetune
+    from core.stages.llm import finetune_checkpoint
 
     args = ctx.args
     selected = None if cell.method == BASE else selection_of(cell.method, cell.seed, cell.budget)
@@ -151,7 +152,7 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
             # a cell across machines).
             meta = run_finetune(ctx.ds, selected, finetune_config(args, cell.seed), adapter, cache_dir=ctx.cache_dir,
                                 progress=lambda f, m="": ctx.status(f"{cell.label()} finetune {100 * f:.0f}%: {m}"),
-                                checkpoint=adapter.with_name(f"{adapter.name}.resume.pt"))
+                                checkpoint=finetune_checkpoint(adapter))
         else:
             log.info("%s: adapter from %s", cell.label(), adapter)
         finetune = {k: meta[k] for k in ("train_samples", "valid_samples", "mean_train_tokens", "epochs_run",

@@ -40,7 +40,7 @@ from core.effort.prompts import (
     tokenize_samples,
 )
 from core.evaluate.generate import generate_batched, mean_nll
-from core.evaluate.journal import GenerationJournal, file_digest, fingerprint, weights_fingerprint
+from core.evaluate.journal import GenerationJournal, fingerprint, weights_fingerprint
 from core.progress import uninterruptible
 from core.surrogate.metrics import recall_ndcg_at_k
 from core.surrogate.train import Cancelled
@@ -340,8 +340,11 @@ def run_evaluate(ds: RecDataset, cfg: LLMEvalConfig, *, cache_dir: Path | None =
             save_arrays(path, emb=items.numpy())
     else:
         item_seconds = 0.0
-    # The adapter's whole file, beside the sampled weights evaluate_llm digests.
-    identity = {"adapter": file_digest(Path(cfg.adapter, "adapter_model.safetensors")) if cfg.adapter else None}
+    # The adapter folder's whole content (as the effort store names it), beside the sampled weights
+    # evaluate_llm digests.
+    from core.effort.store import file_digest
+
+    identity = {"adapter": file_digest(cfg.adapter)}
     result = evaluate_llm(model, tokenizer, ds, cfg, device=dev, items=items, template=template,
                           progress=progress, cancel=cancel, journal=journal, identity=identity)
     result["seconds"] = {"load": load_seconds, "items": item_seconds, **result["seconds"],

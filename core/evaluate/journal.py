@@ -63,17 +63,6 @@ def weights_fingerprint(model, sample: int = 2048) -> str:
     return h.hexdigest()[:32]
 
 
-def file_digest(path: Path) -> str | None:
-    """sha256 of a file's bytes (None when there is no such file)."""
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class GenerationJournal:
     """Append-only record of finished batches under `path`, valid for one `key` (a fingerprint)."""
 
