@@ -86,6 +86,11 @@ def test_prune_dealrec_real_llm_is_reproducible(games_dir, cache, tmp_path):
     (["--strata", "0"], "strata"),
     (["--lambda", "-1"], "lambda"),
     (["--llm", "/no/such/model"], "/no/such/model"),
+    (["--surrogate", "hidden_sizes=3"], "no field 'hidden_sizes'; the fields are hidden_size,"),
+    (["--surrogate", "hidden_size"], "expected FIELD=VALUE"),
+    (["--surrogate", "hidden_size=7"], "--surrogate hidden_size: "),
+    (["--influence", "lissa_steps=abc"], "--influence lissa_steps: "),
+    (["--epochs", "3", "--surrogate", "epochs=4"], "epochs is set twice (also by --epochs)"),
 ])
 def test_prune_bad_parameters_exit_2(tmp_path, cache, extra, message):
     data = write_dealrec_folder(tmp_path / "data", "1 1 2 3\n2 2 3\n", "1\n2\n", "1 4\n2\n", n_items=4)
@@ -95,6 +100,22 @@ def test_prune_bad_parameters_exit_2(tmp_path, cache, extra, message):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "selection.json").exists()
+
+
+def test_prune_surrogate_and_influence_settings(tmp_path, cache):
+    """--surrogate/--influence FIELD=VALUE reach the run (as REST's params.surrogate/influence do) and
+    are recorded with the selection; the shortcut flags join them."""
+    data = write_dealrec_folder(tmp_path / "data", "1 1 2 3\n2 2 3\n3 1 3 4\n", "1\n2\n3\n", "1 4\n2\n3\n",
+                                n_items=4)
+    r = dealrec("prune", "--data", str(data), "--method", "influence", "--budget", "2", "--threads", "1",
+                "--surrogate", "hidden_size=16", "--surrogate", "lr=5e-4", "--epochs", "3",
+                "--influence", "lissa_steps=20", "--influence", "damping=0.05", "--solver", "lissa",
+                "--out", str(tmp_path / "o"), "--no-progress", cache=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    params = json.loads((tmp_path / "o" / "selection.json").read_text())["params"]
+    surrogate, influence = params["surrogate"], params["influence"]
+    assert (surrogate["hidden_size"], surrogate["lr"], surrogate["epochs"]) == (16, 5e-4, 3)
+    assert (influence["lissa_steps"], influence["damping"]) == (20, 0.05)
 
 
 def test_inspect_bad_dataset_exit_2(tmp_path, cache):

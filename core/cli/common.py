@@ -32,9 +32,15 @@ FLAGS = {"selection.budget": "--budget", "selection.method": "--method", "select
 
 
 def usage_error(exc) -> UsageError:
-    """A core.params.ParamsError as the CLI says it: the flag when one set the field."""
+    """A core.params.ParamsError as the CLI says it: the flag when one set the field (`--surrogate
+    FIELD` / `--influence FIELD` for the sections any of whose fields those flags set)."""
     flag = FLAGS.get(exc.field)
-    return UsageError(f"{flag} {exc.message}" if flag else f"invalid parameter {exc.field}: {exc.message}")
+    if flag:
+        return UsageError(f"{flag} {exc.message}")
+    section, _, name = exc.field.partition(".")
+    if section in ("surrogate", "influence") and name:
+        return UsageError(f"--{section} {name}: {exc.message}")
+    return UsageError(f"invalid parameter {exc.field}: {exc.message}")
 
 
 class Bars:

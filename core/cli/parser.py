@@ -9,6 +9,7 @@ from typing import Any
 
 def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
     """The core commands; `extra_commands(subparsers)` may add more (the service adds serve and worker)."""
+    from core.config import InfluenceConfig, SurrogateConfig
     from core.selection.methods import get_method, method_names
 
     p = argparse.ArgumentParser(prog="dealrec", description="DEALRec data pruning for LLM-based recommenders.")
@@ -61,6 +62,12 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     pr.add_argument("--cutoff-len", type=int, default=None, help="LLM prompt length limit in tokens (512)")
     pr.add_argument("--solver", default=None, choices=["lissa", "cg", "direct"], help="H^-1 v solver (lissa)")
     pr.add_argument("--epochs", type=int, default=None, help="surrogate max epochs (200)")
+    pr.add_argument("--surrogate", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any surrogate setting, repeatable, e.g. --surrogate hidden_size=128 --surrogate lr=5e-4 "
+                         "(fields: " + ", ".join(SurrogateConfig.model_fields) + ")")
+    pr.add_argument("--influence", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any influence setting, repeatable, e.g. --influence lissa_steps=1000 "
+                         "(fields: " + ", ".join(InfluenceConfig.model_fields) + ")")
     pr.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores available)")
     pr.add_argument("--effort-processes", type=int, default=None,
                     help="CPU processes for the effort stage (default: one single-thread process per thread)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -14,15 +15,45 @@ log = logging.getLogger("dealrec")
 
 def prune_overrides(args: argparse.Namespace):
     """The run `dealrec prune`'s flags describe (core.params resolves it against the dataset)."""
+    from core.config import InfluenceConfig, SurrogateConfig
     from core.params import PruneOverrides, without_none
 
+    surrogate = field_settings("--surrogate", args.surrogate, SurrogateConfig.model_fields,
+                               shortcuts=without_none(epochs=args.epochs))
+    influence = field_settings("--influence", args.influence, InfluenceConfig.model_fields,
+                               shortcuts=without_none(solver=args.solver))
     return PruneOverrides(
         method=args.method, budget=args.budget, seed=args.seed, lam=args.lam, strata=args.strata,
-        hard_prune=args.hard_prune, normalize=args.normalize, surrogate=without_none(epochs=args.epochs),
-        influence=without_none(solver=args.solver), llm=args.llm, gguf_file=args.gguf_file, adapter=args.adapter,
+        hard_prune=args.hard_prune, normalize=args.normalize, surrogate=surrogate,
+        influence=influence, llm=args.llm, gguf_file=args.gguf_file, adapter=args.adapter,
         device=args.device, precision=args.precision, cutoff_len=args.cutoff_len,
         effort_processes=args.effort_processes, effort_loss=args.effort_loss,
         effort_length_correction=args.effort_length_correction)
+
+
+def field_settings(flag: str, items: list[str], fields, shortcuts: dict) -> dict:
+    """`FIELD=VALUE` items of a repeatable flag as a dict for one config section, values read as
+    JSON where they parse (numbers, true/false) and as text otherwise (a solver's name). The
+    section's own shortcut flags (`--epochs`, `--solver`) join them; setting a field twice, or one the
+    section lacks, is a usage error naming the flag. Pydantic validates the values afterwards."""
+    out = dict(shortcuts)
+    # The shortcut flags are named after their field (--epochs, --solver).
+    set_by = {name: f"--{name.replace('_', '-')}" for name in shortcuts}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"{flag} '{item}': expected FIELD=VALUE, e.g. {flag} {next(iter(fields))}=...")
+        if name not in fields:
+            raise UsageError(f"{flag} '{item}': no field '{name}'; the fields are {', '.join(fields)}")
+        if name in out:
+            raise UsageError(f"{flag} '{item}': {name} is set twice (also by {set_by[name]})")
+        try:
+            out[name] = json.loads(text)
+        except ValueError:
+            out[name] = text
+        set_by[name] = f"{flag} {name}=..."
+    return out
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
