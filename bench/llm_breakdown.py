@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.llm_level import LLM_CELL_FORMAT, NLL, has_metric, per_user  # noqa: E402
+from bench.llm_level import DENSE, LLM_CELL_FORMAT, NLL, RANK, has_metric, per_user  # noqa: E402
 from core.data import load_dataset  # noqa: E402
 
 log = logging.getLogger("bench.llm_breakdown")
-METRICS = (NLL, "recall@20", "ndcg@20")
+METRICS = (NLL, RANK, "recall@20", "ndcg@20")
 
 
 def parse_args(argv):
@@ -48,16 +48,21 @@ def parse_args(argv):
 
 def finished_cells(out: Path, budget: int, n_users: int | None = None) -> dict[tuple[str, int], dict[str, Any]]:
     """(method, seed) -> cell, for the cells of `budget` with an NLL for every user (when several
-    evaluations of one (method, seed) exist, the one over the most users)."""
+    evaluations of one (method, seed) exist, the one over the most users, and of those one with
+    generation metrics rather than an NLL screen)."""
     found: dict[tuple[str, int], dict[str, Any]] = {}
     for path in sorted((out / "llm-cells").glob(f"*-b{budget}-*.json")):
         cell = json.loads(path.read_text())
         if cell.get("format") != LLM_CELL_FORMAT or not has_metric(cell, NLL):
             continue
         key = (cell["method"], cell["seed"])
-        if key not in found or len(cell["users"]) > len(found[key]["users"]):
+        if key not in found or _fuller(cell) > _fuller(found[key]):
             found[key] = cell
     return found
+
+
+def _fuller(cell: dict[str, Any]) -> tuple[int, bool]:
+    return len(cell["users"]), has_metric(cell, "recall@20")
 
 
 def user_features(ds, users: list[int]) -> dict[str, np.ndarray]:
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
              f"`python bench/llm_breakdown.py --data {args.data} --limit-users {args.limit_users} --out {args.out} "
              f"--methods {args.methods} --reference {args.reference} --budget {args.budget}`", "",
              "Each cell: the mean over the quartile's test users of (method - reference), per user averaged over "
-             "the seeds both have. NLL: lower is better (a negative difference favours the method).", ""]
+             "the seeds both have. NLL and Rank % (the true item's place in the whole ranking, % of the items): lower "
+             "is better (a negative difference favours the method).", ""]
     for method in args.methods.split(","):
         seeds = sorted(s for (m, s) in cells if m == method and (args.reference, s) in cells)
         if not seeds:
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
                 continue
             diff = np.mean([per_user(a, metric) - per_user(b, metric) for a, b in pairs], axis=0)
             entry[metric] = {"mean_diff": float(diff.mean()), "share_method_better":
-                             float(np.mean(diff < 0 if metric == NLL else diff > 0)),
+                             float(np.mean(diff < 0 if metric in DENSE else diff > 0)),
                              "by": breakdown(diff, features)}
             lines += [f"## {method} - {args.reference}, {metric}, seeds {', '.join(map(str, seeds))}, "
                       f"{len(users)} test users", "",

@@ -176,7 +176,8 @@ def run_llm_cell(cell: LLMCell, ctx, selection_of: Callable[[str, int, int], lis
                                                    "exclude_seen", "device", "precision", "batch_size", "generate")},
         "generation": result.get("generation"),
         # Per test user, for paired comparisons and for reading what the model generates.
-        "users": [{k: p[k] for k in ("user", "generated", "target_rank", "metrics", "nll", "answer_tokens") if k in p}
+        "users": [{k: p[k] for k in ("user", "generated", "target_rank", "target_full_rank", "rank_pct", "metrics",
+                                     "nll", "answer_tokens") if k in p}
                   for p in result["predictions"]],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -194,19 +195,28 @@ def llm_cells(methods: Sequence[str], seeds: Sequence[int], budgets: Sequence[in
 # Aggregation and the paired comparison
 
 NLL = "nll"  # each test user's mean NLL per token of the true title (and EOS): lower is better
+# Where the true item lands in the whole ranking, % of the items (lower is better): dense where
+# Recall@20 sees a dozen hits per thousand users. Cells from before it was recorded lack it.
+RANK = "rank_pct"
+DENSE = (RANK, NLL)  # per-user signals stored beside "metrics", both lower-is-better
 COMPARED = ("recall@20", "ndcg@20", "recall@50")
+DENSE_LABEL = {RANK: "Rank %", NLL: "NLL"}
+
+
+def label_of(metric: str) -> str:
+    return SHORT.get(metric) or DENSE_LABEL[metric]
 
 
 def per_user(cell: dict[str, Any], metric: str) -> np.ndarray:
-    if metric == NLL:
-        return np.array([u[NLL] for u in cell["users"]], dtype=np.float64)
+    if metric in DENSE:
+        return np.array([u[metric] for u in cell["users"]], dtype=np.float64)
     return np.array([u["metrics"][metric] for u in cell["users"]], dtype=np.float64)
 
 
 def has_metric(cell: dict[str, Any], metric: str) -> bool:
     users = cell["users"]
-    if metric == NLL:
-        return bool(users) and all(u.get(NLL) is not None for u in users)
+    if metric in DENSE:
+        return bool(users) and all(u.get(metric) is not None for u in users)
     return bool(users) and "metrics" in users[0]
 
 
@@ -240,18 +250,18 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int =
 
 def _metrics_of(results: dict[LLMCell, dict[str, Any]], cells: Sequence[LLMCell]) -> list[str]:
     found = [m for m in METRICS if all(has_metric(results[c], m) for c in cells)]
-    return found + ([NLL] if all(has_metric(results[c], NLL) for c in cells) else [])
+    return found + [m for m in DENSE if all(has_metric(results[c], m) for c in cells)]
 
 
 def summarize_llm(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
                   budget: int, with_base: bool) -> dict[str, dict[str, dict[str, float]]]:
     """row -> metric -> mean/std over seeds (the metrics every cell of the row has: Recall/NDCG@K
-    with generation, NLL with the answer scored)."""
+    with generation, the rank percentile where the cells recorded it, NLL with the answer scored)."""
     out = {}
     rows = ([(BASE, [LLMCell(BASE, 0, 0)])] if with_base else []) + \
         [(m, [LLMCell(m, s, budget) for s in seeds]) for m in methods]
     for name, cells in rows:
-        out[name] = {k: mean_std(float(np.mean(per_user(results[c], k))) if k == NLL else results[c]["metrics"][k]
+        out[name] = {k: mean_std(float(np.mean(per_user(results[c], k))) if k in DENSE else results[c]["metrics"][k]
                                  for c in cells) for k in _metrics_of(results, cells)}
     return out
 
@@ -265,7 +275,7 @@ def _same_users(cells: Sequence[dict[str, Any]]) -> None:
 def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
                 budget: int, reference: str) -> list[dict[str, Any]]:
     """Each other method against `reference` on the same test users: per seed (hits@K and the paired
-    bootstrap of R@20, N@20, R@50 and NLL), then pooled over the seeds (seed "all": each user's
+    bootstrap of R@20, N@20, R@50, the rank percentile and NLL), then pooled over the seeds (seed "all": each user's
     difference averaged over the seeds, users resampled)."""
     if reference not in methods:
         return []
@@ -273,7 +283,7 @@ def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], 
     for other in [m for m in methods if m != reference]:
         pairs = [(results[LLMCell(other, s, budget)], results[LLMCell(reference, s, budget)]) for s in seeds]
         _same_users([c for pair in pairs for c in pair])
-        metrics = [m for m in (*COMPARED, NLL) if all(has_metric(c, m) for pair in pairs for c in pair)]
+        metrics = [m for m in (*COMPARED, *DENSE) if all(has_metric(c, m) for pair in pairs for c in pair)]
         for seed, group in [*((s, [pair]) for s, pair in zip(seeds, pairs)), ("all", pairs)]:
             row: dict[str, Any] = {"a": other, "b": reference, "seed": seed, "budget": budget,
                                    "users": len(pairs[0][0]["users"])}
@@ -282,7 +292,7 @@ def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], 
                 xa = np.stack([per_user(a, metric) for a, _ in group])
                 xb = np.stack([per_user(b, metric) for _, b in group])
                 row[metric] = paired_bootstrap(xa, xb, seed=0 if seed == "all" else seed,
-                                               lower_is_better=metric == NLL)
+                                               lower_is_better=metric in DENSE)
             if "recall@20" in metrics:
                 row.update({f"hits@{k}": [int(sum(u["target_rank"] is not None and u["target_rank"] < k
                                                   for pair in group for u in pair[j]["users"])) for j in (0, 1)]
@@ -313,9 +323,10 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
     what = ("each test user's NLL of the true title only (teacher forced, no generation)" if args.nll_only else
             f"beam search {ev.num_beams} beams, at most {ev.max_new_tokens} new tokens, generated text and item titles "
             "embedded by the base LLM (last token, last layer), all items ranked by L2 distance, seen items not "
-            "excluded (as the reference); NLL = each user's mean negative log-likelihood per token of the true "
-            "title and EOS, teacher forced (lower is better)")
-    metrics = [m for m in (*METRICS, NLL) if all(m in row for row in summary.values())]
+            "excluded (as the reference); Rank % = where the true item lands in the whole ranking, in % of the "
+            "items, mean over users (lower is better); NLL = each user's mean negative log-likelihood per token of "
+            "the true title and EOS, teacher forced (lower is better)")
+    metrics = [m for m in (*METRICS, *DENSE) if all(m in row for row in summary.values())]
     lines = [
         "# LLM-level quality of the selected samples (BIGRec)" + (": NLL screening" if args.nll_only else ""), "",
         "```", command_line(args), "```", "",
@@ -330,19 +341,20 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
         f"- seeds: {', '.join(map(str, meta['seeds']))} (the selection's and the fine-tuning's seed); "
         f"finished {meta['finished']}", "",
         f"## Budget {budget} samples ({100 * budget / meta['users']:.2f}% of {meta['users']})", "",
-        "Mean ± sample std over seeds" + (" (NLL: lower is better)" if NLL in metrics else "") + ":", "",
-        "| method | " + " | ".join(SHORT.get(m, "NLL") for m in metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+        "Mean ± sample std over seeds" + (f" ({', '.join(label_of(m) for m in DENSE if m in metrics)}: lower is better)"
+                                          if set(DENSE) & set(metrics) else "") + ":", "",
+        "| method | " + " | ".join(label_of(m) for m in metrics) + " |", "| --- |" + " --- |" * len(metrics)]
     for method, row in summary.items():
         name = "base LLM (no fine-tuning)" if method == BASE else label(method)
         lines.append(f"| {name} | " + " | ".join(_fmt_row(row[m]) if m in row else "-" for m in metrics) + " |")
     if comps:
-        shown = [m for m in (*COMPARED, NLL) if m in comps[0]]
+        shown = [m for m in (*COMPARED, *DENSE) if m in comps[0]]
         lines += ["", (f"Paired on the same test users, each method minus {label(comps[0]['b'])} (95% interval from "
                        f"{BOOTSTRAP_SAMPLES:,} bootstrap resamples of the users; p = share of resamples in which the "
                        "method is not better; seed \"all\" pools the seeds: each user's difference averaged over "
                        "them):"), "",
                   "| method | seed | users | " + ("hits@20 | hits@50 | " if "recall@20" in shown else "")
-                  + " | ".join(f"{SHORT.get(m, 'NLL')} difference [95% CI], p" for m in shown) + " |",
+                  + " | ".join(f"{label_of(m)} difference [95% CI], p" for m in shown) + " |",
                   "| --- | --- | --- | " + ("--- | --- | " if "recall@20" in shown else "") + "--- | " * len(shown)]
         for c in comps:
             hits = f"{c['hits@20'][0]} vs {c['hits@20'][1]} | {c['hits@50'][0]} vs {c['hits@50'][1]} | " \
@@ -354,7 +366,7 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
         if pooled and all("mde80" in c[m] for c in pooled for m in shown):
             lines += ["", ("Smallest difference each pooled comparison detects (p < 0.05 one-sided, 80% power, from "
                            "the spread of its per-user differences): "
-                           + "; ".join(f"{label(c['a'])}: " + ", ".join(f"{SHORT.get(m, 'NLL')} {c[m]['mde80']:.4f}"
+                           + "; ".join(f"{label(c['a'])}: " + ", ".join(f"{label_of(m)} {c[m]['mde80']:.4f}"
                                                                         for m in shown) for c in pooled) + ".")]
     lines += ["", "## Cells", "",
               ("| row | seed | train samples | valid samples | epochs (best) | train loss first → last | "
@@ -387,15 +399,16 @@ def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], label,
     if plt is None:
         return False
     kinds = [k for k in ("recall", "ndcg") if all(f"{k}@20" in row for row in summary.values())]
-    with_nll = all(NLL in row for row in summary.values())
-    panels = kinds + ([NLL] if with_nll else [])
+    panels = kinds + [m for m in DENSE if all(m in row for row in summary.values())]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     methods = list(summary)
     width = 0.8 / len(methods)
+    titles = {"recall": "Recall", "ndcg": "NDCG", NLL: "NLL of the true title (lower is better)",
+              RANK: "true item's place in the ranking, % (lower is better)"}
     for ax, kind in zip(axes[0], panels):
-        metrics = [NLL] if kind == NLL else [m for m in METRICS if m.startswith(kind)]
+        metrics = [kind] if kind in DENSE else [m for m in METRICS if m.startswith(kind)]
         x = np.arange(len(metrics))
         for i, method in enumerate(methods):
             # One seed has no spread to draw: no error bars rather than misleading zero-width ones.
@@ -403,11 +416,10 @@ def plot_llm(path: Path, summary: dict[str, dict[str, dict[str, float]]], label,
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, [summary[method][m]["mean"] for m in metrics], width,
                    yerr=spread, capsize=2, label="base LLM" if method == BASE else label(method),
                    color="0.6" if method == BASE else None, hatch="//" if method == BASE else None)
-        ax.set_xticks(x, [SHORT.get(m, "NLL per title token") for m in metrics])
-        ax.set_title({"recall": "Recall", "ndcg": "NDCG"}.get(kind, "NLL of the true title (lower is better)")
-                     + f", LLM fine-tuned on {budget} samples", fontsize=9)
-        if kind == NLL:
-            lows = [summary[m][NLL]["mean"] for m in methods]
+        ax.set_xticks(x, [SHORT.get(m) or {NLL: "NLL per title token", RANK: "mean rank %"}[m] for m in metrics])
+        ax.set_title(titles[kind] + f", LLM fine-tuned on {budget} samples", fontsize=9)
+        if kind in DENSE:
+            lows = [summary[m][kind]["mean"] for m in methods]
             ax.set_ylim(min(lows) * 0.97, max(lows) * 1.02)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)

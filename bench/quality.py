@@ -691,9 +691,9 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
 
     def log_one(cell, r: dict, was_cached: bool) -> None:
         m = r["metrics"]
-        log.info("LLM level %s%s: R@20 %s N@20 %s NLL %s over %d users (fine-tune %s, generate %.0fs)",
+        log.info("LLM level %s%s: R@20 %s N@20 %s Rank %% %s NLL %s over %d users (fine-tune %s, generate %.0fs)",
                  cell.label(), " [from cell cache]" if was_cached else "",
-                 *(f"{m[k]:.4f}" if k in m else "-" for k in ("recall@20", "ndcg@20", "nll")), m["users"],
+                 *(f"{m[k]:.4f}" if k in m else "-" for k in ("recall@20", "ndcg@20", "rank_pct", "nll")), m["users"],
                  f"{r['finetune']['train_seconds']:.0f}s" if r["finetune"] else "-",
                  r["eval_seconds"].get("generate", 0.0))
 

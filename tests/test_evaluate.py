@@ -17,6 +17,7 @@ from core.evaluate.bigrec import (
     EvaluationCancelled,
     embed_texts,
     evaluate_llm,
+    full_ranks,
     rank_by_distance,
     select_test_users,
 )
@@ -60,6 +61,24 @@ def test_rank_by_distance_order_ties_and_exclusion():
     assert rank_by_distance(queries, items, 5).tolist() == [[1, 0, 3, 2, 4], [1, 2, 0, 3, 4]]
     assert rank_by_distance(queries, items, 3, exclude=[[1], []]).tolist() == [[0, 3, 2], [1, 2, 0]]
     assert rank_by_distance(queries[:1], items, 7, exclude=[[0, 1]]).tolist() == [[3, 2, 4, -1, -1, -1, -1]]
+
+
+def test_full_ranks_are_positions_in_the_whole_ranking():
+    items = torch.tensor([[0.0], [1.0], [3.0], [-1.0], [10.0]])
+    queries = torch.tensor([[0.9], [2.0]])
+    # Whole rankings: [1, 0, 3, 2, 4] and [1, 2, 0, 3, 4] (the tie at 2.0 to the lower index).
+    assert full_ranks(queries, items, [[4], [2]]) == [(4, 5), (1, 5)]
+    assert full_ranks(queries, items, [[2, 3], [4, 0]]) == [(2, 5), (2, 5)]  # the best-placed target
+    # Excluded rows are not ranked and do not count; a query whose targets are all excluded has none.
+    assert full_ranks(queries, items, [[4], [1]], exclude=[[1, 0], [1]]) == [(2, 3), None]
+    # Against a full argsort of random data with ties, in chunks smaller than the queries.
+    gen = torch.Generator().manual_seed(0)
+    items = torch.randint(0, 4, (40, 3), generator=gen).float()
+    queries = torch.randint(0, 4, (9, 3), generator=gen).float()
+    targets = [[int(t) for t in torch.randint(0, 40, (2,), generator=gen)] for _ in range(9)]
+    whole = rank_by_distance(queries, items, 40)
+    expected = [(min(whole[q].tolist().index(t) for t in targets[q]), 40) for q in range(9)]
+    assert full_ranks(queries, items, targets, chunk=4) == expected
 
 
 def test_recall_ndcg_match_hand_computed_values():
@@ -127,7 +146,9 @@ def test_evaluate_with_perfect_generation_scores_one(tiny, monkeypatch):
     m = res["metrics"]
     assert m["users"] == len(select_test_users(ds))
     assert all(m[f"{x}@{k}"] == pytest.approx(1.0) for k in (10, 20, 50) for x in ("recall", "ndcg"))
-    assert all(p["target_rank"] == 0 for p in res["predictions"])
+    assert all(p["target_rank"] == 0 and p["target_full_rank"] == 0 and p["rank_pct"] == 0.0
+               for p in res["predictions"])
+    assert m["rank_pct"] == 0.0
     # Excluding seen items (not the reference's default) drops a test item the user had already bought.
     res = evaluate_llm(model, tok, ds, LLMEvalConfig(exclude_seen=True))
     unseen = [ds.test[u][0] not in ds.train[u] + ds.valid[u] for u in select_test_users(ds)]
@@ -145,9 +166,16 @@ def test_evaluate_end_to_end_and_cancel(tiny):
     for p in res["predictions"]:
         if p["target_rank"] is not None and p["target_rank"] < 10:
             assert p["top10"][p["target_rank"]] in p["targets"]
+        # The whole-ranking position agrees with the first-K one where that has it.
+        if p["target_rank"] is not None:
+            assert p["target_full_rank"] == p["target_rank"]
+        else:
+            assert p["target_full_rank"] >= 50
+        assert p["rank_pct"] == pytest.approx(100 * p["target_full_rank"] / len(ds.item_titles))
+    assert np.mean([p["rank_pct"] for p in res["predictions"]]) == pytest.approx(res["metrics"]["rank_pct"])
     # Each user's own metrics average to the reported ones (paired comparisons rely on that).
     for key, value in res["metrics"].items():
-        if key not in ("users", "nll"):
+        if key not in ("users", "nll", "rank_pct"):
             assert np.mean([p["metrics"][key] for p in res["predictions"]]) == pytest.approx(value)
     assert np.mean([p["nll"] for p in res["predictions"]]) == pytest.approx(res["metrics"]["nll"])
     assert all(p["nll"] > 0 and p["answer_tokens"] > 1 for p in res["predictions"])

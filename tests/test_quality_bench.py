@@ -173,7 +173,7 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     assert quality.main(argv) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(first) == ["base", "random", "el2n"]
-    assert all(set(row) == METRICS | {"nll"} for row in first.values())
+    assert all(set(row) == METRICS | {"rank_pct", "nll"} for row in first.values())
     for name in ("llm.md", "llm.png", "llm.json"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "llm.json").read_text())
@@ -194,7 +194,11 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     # One seed: the pooled row is that seed's.
     assert pooled["seed"] == "all" and pooled["recall@20"]["diff"] == pair["recall@20"]["diff"]
     assert pooled["nll"]["diff"] == pytest.approx(pair["nll"]["diff"])
+    assert pooled["rank_pct"]["diff"] == pytest.approx(pair["rank_pct"]["diff"])
     assert all(u["nll"] > 0 and u["answer_tokens"] >= 1 for c in saved_cells(out) for u in c["users"])
+    # Every user has its whole-ranking place (the first-K rank where it has one agrees).
+    assert all(0 <= u["rank_pct"] < 100 and (u["target_rank"] is None or u["target_rank"] == u["target_full_rank"])
+               for c in saved_cells(out) for u in c["users"])
     saved = saved_cells(out)
     assert len({tuple(u["user"] for u in c["users"]) for c in saved}) == 1  # the same test users in every row
     # The adapters are kept beside the cells (committed with them, a later session resumes from them).
@@ -203,7 +207,7 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     assert not list((out / "llm-cells").glob("*.partial.jsonl"))
     table = (out / "llm.md").read_text()
     assert "--llm-eval" in table and "| Random | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
-    assert "| Random | **all** | 9 |" in table and "NLL difference" in table
+    assert "| Random | **all** | 9 |" in table and "NLL difference" in table and "Rank % difference" in table
     assert "Smallest difference each pooled comparison detects" in table
 
     assert quality.main(argv) == 0
@@ -249,6 +253,28 @@ def test_paired_bootstrap_pools_seeds_by_user_and_lower_is_better():
     assert res["diff"] == pytest.approx(0.5)  # users' seed means 1, 0, 0.5
     low = paired_bootstrap(-a, b, samples=2000, lower_is_better=True)  # lower NLL is better
     assert low["diff"] == pytest.approx(-0.5) and low["p_not_better"] == pytest.approx(res["p_not_better"])
+
+
+def test_llm_reports_compare_the_rank_percentile_only_where_every_cell_has_it():
+    """Cells written before the whole-ranking place was recorded have no rank_pct: a report mixing them
+    with newer cells leaves that signal out instead of failing; among newer cells it is compared,
+    lower is better."""
+    from bench.llm_level import LLMCell, comparisons, summarize_llm
+
+    def cell(nll, rank=None):
+        users = [{"user": u, "nll": nll + 0.01 * u, **({"rank_pct": rank + u} if rank is not None else {})}
+                 for u in range(6)]
+        return {"users": users, "metrics": {}}
+
+    old = {LLMCell("random", 0, 8): cell(3.0), LLMCell("dealrec", 0, 8): cell(2.9, rank=10.0)}
+    summary = summarize_llm(old, ["random", "dealrec"], [0], 8, False)
+    assert "rank_pct" not in summary["random"] and summary["dealrec"]["rank_pct"]["mean"] == pytest.approx(12.5)
+    (pooled,) = [c for c in comparisons(old, ["random", "dealrec"], [0], 8, "random") if c["seed"] == "all"]
+    assert "rank_pct" not in pooled and pooled["nll"]["diff"] == pytest.approx(-0.1)
+    new = {LLMCell("random", 0, 8): cell(3.0, rank=20.0), LLMCell("dealrec", 0, 8): cell(2.9, rank=10.0)}
+    assert summarize_llm(new, ["random", "dealrec"], [0], 8, False)["random"]["rank_pct"]["mean"] == pytest.approx(22.5)
+    (pooled,) = [c for c in comparisons(new, ["random", "dealrec"], [0], 8, "random") if c["seed"] == "all"]
+    assert pooled["rank_pct"]["diff"] == pytest.approx(-10.0) and pooled["rank_pct"]["p_not_better"] == 0.0
 
 
 def test_variant_specs_build_their_config_and_keep_the_plain_keys():

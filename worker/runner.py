@@ -408,7 +408,7 @@ class _Segment:
 
     def _evaluate_result(self) -> None:
         out = self.ctx.state["evaluation"]
-        metrics = dict(out["metrics"])  # recall@K, ndcg@K, users, nll
+        metrics = dict(out["metrics"])  # recall@K, ndcg@K, users, rank_pct, nll
         tmp = self.job_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps({**metrics, "seconds": out.get("seconds")}, indent=2, default=float))
         os.replace(tmp, self.r.files.job_file(self.job_id, "metrics.json"))

@@ -84,7 +84,16 @@ function metricsBlock(result) {
       h("thead", {}, h("tr", {}, h("th", {text: "metric"}), ks.map((k) => h("th", {class: "num", text: `@${k}`})))),
       h("tbody", {}, ["recall", "ndcg"].map((name) => h("tr", {}, h("td", {text: name}),
         ks.map((k) => h("td", {class: "num", text: Number(m[`${name}@${k}`]).toFixed(4)}))))))),
-    h("p", {class: "help", text: `${m.users ?? "?"} test users${m.nll !== undefined && m.nll !== null ? `; mean NLL of the true answer ${Number(m.nll).toFixed(3)}` : ""}.`}));
+    h("p", {class: "help", text: evaluationNote(m)}));
   }
   return box;
+}
+
+// The dense signals beside Recall/NDCG: where the true item lands in the whole ranking, its NLL.
+function evaluationNote(m) {
+  const has = (v) => v !== undefined && v !== null;
+  const parts = [];
+  if (has(m.rank_pct)) parts.push(`the true item at ${Number(m.rank_pct).toFixed(1)} % of the ranking on average`);
+  if (has(m.nll)) parts.push(`mean NLL of the true answer ${Number(m.nll).toFixed(3)}`);
+  return `${m.users ?? "?"} test users` + parts.map((p) => `; ${p}`).join("") + (parts.length ? " (lower is better)." : ".");
 }

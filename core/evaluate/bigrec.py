@@ -81,15 +81,12 @@ def select_test_users(ds: RecDataset, n: int | None = None, seed: int = 0) -> li
     return users
 
 
-def rank_by_distance(queries: torch.Tensor, items: torch.Tensor, k: int,
-                     exclude: Sequence[Sequence[int]] | None = None, chunk: int = 256) -> np.ndarray:
-    """(n_queries, k) row indices of `items`, nearest first by L2 distance; ties go to the lower
-    index. `exclude[q]` lists item rows never ranked for query q (their slots, if fewer than k rows
-    remain, are -1)."""
+def _distances(queries: torch.Tensor, items: torch.Tensor, exclude: Sequence[Sequence[int]] | None,
+               chunk: int):
+    """(start, L2 distances of queries[start:start + chunk] to every item row), the rows excluded for a
+    query at +inf. Both rankings below read them from here, so they order the items identically."""
     if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
         raise ValueError(f"queries {tuple(queries.shape)} and items {tuple(items.shape)} must be 2-d with one width")
-    n_cols = min(k, items.shape[0])
-    out = np.full((queries.shape[0], k), -1, dtype=np.int64)
     items = items.float()
     for start in range(0, queries.shape[0], chunk):
         d = torch.cdist(queries[start:start + chunk].float(), items, p=2)
@@ -97,9 +94,42 @@ def rank_by_distance(queries: torch.Tensor, items: torch.Tensor, k: int,
             for r, ex in enumerate(exclude[start:start + chunk]):
                 if len(ex):
                     d[r, torch.as_tensor(list(ex), dtype=torch.long)] = float("inf")
+        yield start, d
+
+
+def rank_by_distance(queries: torch.Tensor, items: torch.Tensor, k: int,
+                     exclude: Sequence[Sequence[int]] | None = None, chunk: int = 256) -> np.ndarray:
+    """(n_queries, k) row indices of `items`, nearest first by L2 distance; ties go to the lower
+    index. `exclude[q]` lists item rows never ranked for query q (their slots, if fewer than k rows
+    remain, are -1)."""
+    n_cols = min(k, items.shape[0])
+    out = np.full((queries.shape[0], k), -1, dtype=np.int64)
+    for start, d in _distances(queries, items, exclude, chunk):
         order = torch.sort(d, dim=1, stable=True)
         idx = order.indices[:, :n_cols].masked_fill(torch.isinf(order.values[:, :n_cols]), -1)
         out[start:start + d.shape[0], :n_cols] = idx.cpu().numpy()
+    return out
+
+
+def full_ranks(queries: torch.Tensor, items: torch.Tensor, targets: Sequence[Sequence[int]],
+               exclude: Sequence[Sequence[int]] | None = None,
+               chunk: int = 256) -> list[tuple[int, int] | None]:
+    """For each query, (0-based rank of its best-placed target row in the whole ranking that
+    `rank_by_distance` starts, number of rows ranked): the rows nearer than the target plus the
+    equally near ones of lower index, excluded rows left out. None where no target is ranked. A dense
+    signal beside Recall/NDCG@K, which see only the first K places."""
+    out: list[tuple[int, int] | None] = []
+    for start, d in _distances(queries, items, exclude, chunk):
+        index = torch.arange(d.shape[1], device=d.device)
+        for r in range(d.shape[0]):
+            row, ranked = d[r], int(torch.isfinite(d[r]).sum())
+            best = None
+            for t in targets[start + r]:
+                if not torch.isfinite(row[t]):
+                    continue
+                rank = int((row < row[t]).sum() + ((row == row[t]) & (index < t)).sum())
+                best = rank if best is None else min(best, rank)
+            out.append(None if best is None else (best, ranked))
     return out
 
 
@@ -202,9 +232,11 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
 
     `items`: precomputed `item_embeddings` (else computed here). Returns {"metrics": {"recall@K",
     "ndcg@K", ..., "users", "nll"}, "predictions": [{"user", "user_id", "generated", "targets",
-    "target_rank", "top10", "metrics", "nll", "answer_tokens"}], "seconds": {...}, "generation":
-    {...}}; item ids are 1-based, `target_rank` is the 0-based rank of the best-placed test item among
-    the first max(ks) (None beyond), "metrics" the user's own; "nll" (with `cfg.nll`) the mean negative
+    "target_rank", "target_full_rank", "rank_pct", "top10", "metrics", "nll", "answer_tokens"}],
+    "seconds": {...}, "generation": {...}}; item ids are 1-based, `target_rank` is the 0-based rank of
+    the best-placed test item among the first max(ks) (None beyond), `target_full_rank` its rank among
+    all items ranked and `rank_pct` that rank in % of them (`metrics["rank_pct"]`: the mean over users;
+    lower is better), "metrics" the user's own; "nll" (with `cfg.nll`) the mean negative
     log-likelihood per token of the true test title and EOS after the prompt, teacher forced.
 
     `journal`: a file in which each finished generation batch is recorded, so that a rerun after an
@@ -264,6 +296,12 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
         {f"{m}@{k}": 0.0 for k in cfg.ks for m in ("recall", "ndcg")}
     metrics = {key: metrics[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")}
     metrics["users"] = len(users)
+    # Where the true item lands in the whole ranking, as a percentage of the items ranked (lower is
+    # better): every user contributes, not only the few with a hit in the first K.
+    dense = full_ranks(queries, items, [[i - 1 for i in ds.test[u]] for u in users], exclude)
+    rank_pct = [None if x is None else 100.0 * x[0] / x[1] for x in dense]
+    ranked_users = [v for v in rank_pct if v is not None]
+    metrics["rank_pct"] = float(np.mean(ranked_users)) if ranked_users else float("nan")
     if cfg.nll:
         # Mean over users of each user's mean NLL per answer token (title + EOS), teacher forced.
         metrics["nll"] = mean_nll(gen.nll)
@@ -277,6 +315,7 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
         own = recall_ndcg_at_k(ranked[r:r + 1], [ds.test[u]], cfg.ks)
         predictions.append({"user": u, "user_id": ds.user_ids[u], "generated": generated[r],
                             "targets": list(ds.test[u]), "target_rank": hits[0] if hits else None,
+                            "target_full_rank": None if dense[r] is None else dense[r][0], "rank_pct": rank_pct[r],
                             "top10": [int(i) for i in ranked[r, :10]],
                             "metrics": {key: own[key] for k in sorted(cfg.ks) for key in (f"recall@{k}", f"ndcg@{k}")},
                             **({"nll": gen.nll[r], "answer_tokens": gen.answer_tokens[r]} if cfg.nll else {})})
