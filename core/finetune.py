@@ -38,7 +38,14 @@ import torch
 from core.config import FinetuneConfig
 from core.data.dataset import RecDataset
 from core.effort.prompts import PromptTemplate, Split, format_prompt, make_record, tokenize_samples
-from core.finetune_checkpoint import DEFAULT_EVERY_S, LoopState, load_checkpoint, save_checkpoint, training_fingerprint
+from core.finetune_checkpoint import (
+    DEFAULT_EVERY_S,
+    LoopState,
+    base_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    training_fingerprint,
+)
 from core.progress import uninterruptible
 from core.surrogate.train import Cancelled
 
@@ -278,9 +285,10 @@ def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSam
     has_valid = any(s.n_loss_tokens() for s in valid)
 
     fingerprint = training_fingerprint(cfg, train, valid) if checkpoint is not None else ""
+    base = base_fingerprint(model) if checkpoint is not None else None
     best_state: dict[str, torch.Tensor] | None = None
     loop = LoopState()
-    if checkpoint is not None and (resumed := load_checkpoint(checkpoint, fingerprint, model, opt)) is not None:
+    if checkpoint is not None and (resumed := load_checkpoint(checkpoint, fingerprint, model, opt, base)) is not None:
         loop, best_state = resumed
     stopped_early = bool(loop.history) and loop.stale >= cfg.patience
     epoch = loop.epoch - 1
@@ -290,7 +298,7 @@ def train_lora(model, train: Sequence[EncodedSample], valid: Sequence[EncodedSam
     def save() -> None:
         nonlocal last_save
         loop.seconds = time.perf_counter() - t0
-        save_checkpoint(checkpoint, fingerprint, loop, model, opt, best_state)
+        save_checkpoint(checkpoint, fingerprint, loop, model, opt, best_state, base)
         last_save = time.perf_counter()
 
     model.train()

@@ -11,6 +11,9 @@ bookkeeping and the best state so far.
 
 A checkpoint belongs to one (configuration, training samples, validation samples) triple: its
 `fingerprint` says which, and one that does not match is ignored (with a log line), never applied.
+It also records a digest of the frozen base weights (`base`): the configuration names the LLM by the
+string the caller gave, so other weights behind the same path would otherwise pass. Checkpoints
+written before `base` was recorded have none and are matched on the fingerprint alone.
 """
 
 from __future__ import annotations
@@ -64,13 +67,20 @@ class LoopState:
     seconds: float = 0.0  # training time spent before this process (added to the result's)
 
 
+def base_fingerprint(model) -> str:
+    """The frozen weights' sampled digest (core.evaluate.journal.weights_fingerprint)."""
+    from core.evaluate.journal import weights_fingerprint
+
+    return weights_fingerprint(model, frozen_only=True)
+
+
 def save_checkpoint(path: Path, fingerprint: str, state: LoopState, model, optimizer,
-                    best_state: dict[str, torch.Tensor] | None) -> None:
+                    best_state: dict[str, torch.Tensor] | None, base: str | None = None) -> None:
     """Write the loop's state atomically (a reader never sees half a file)."""
     import io
 
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    blob = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "loop": json.dumps(asdict(state)),
+    blob = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "base": base, "loop": json.dumps(asdict(state)),
             "trainable": trainable, "optimizer": optimizer.state_dict(), "best_state": best_state,
             "torch_rng": torch.get_rng_state()}
     buf = io.BytesIO()
@@ -78,9 +88,11 @@ def save_checkpoint(path: Path, fingerprint: str, state: LoopState, model, optim
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def load_checkpoint(path: Path, fingerprint: str, model, optimizer) -> tuple[LoopState, dict | None] | None:
+def load_checkpoint(path: Path, fingerprint: str, model, optimizer,
+                    base: str | None = None) -> tuple[LoopState, dict | None] | None:
     """Restore the model's trainable weights, the optimizer and torch's RNG from `path` and return the
-    loop state and best state; None (nothing touched) when there is no usable checkpoint there."""
+    loop state and best state; None (nothing touched) when there is no usable checkpoint there (another
+    fingerprint, or `base` weights other than those it recorded)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -94,6 +106,9 @@ def load_checkpoint(path: Path, fingerprint: str, model, optimizer) -> tuple[Loo
         return None
     if blob.get("fingerprint") != fingerprint:
         log.warning("finetune: ignoring checkpoint %s: it belongs to another configuration or selection", path)
+        return None
+    if base is not None and blob.get("base") is not None and blob["base"] != base:
+        log.warning("finetune: ignoring checkpoint %s: it was trained on other base weights", path)
         return None
     named = dict(model.named_parameters())
     trainable = blob["trainable"]

@@ -301,3 +301,42 @@ def test_a_checkpoint_of_another_run_or_a_torn_file_is_not_resumed(data, tmp_pat
         got, want = trainable_state(model), trainable_state(reference)
         assert all(torch.equal(got[n], want[n]) for n in want)
         assert not ckpt.exists()
+
+
+def test_a_checkpoint_resumes_only_onto_the_base_weights_it_was_trained_on(data, tmp_path):
+    """The recipe names the LLM by its path: other weights there must not pick up the run. A checkpoint
+    from before the base digest was recorded (none in it) still resumes on its fingerprint."""
+    tok, _, train, valid = data
+    cfg = FinetuneConfig(epochs=2, **FAST)
+    ckpt = tmp_path / "run.resume.pt"
+
+    def other_base():
+        model = fresh(tok, cfg)
+        with torch.no_grad():
+            next(p for p in model.parameters() if not p.requires_grad).add_(0.5)
+        return model
+
+    def interrupted():
+        with pytest.raises(FinetuneCancelled):
+            train_lora(fresh(tok, cfg), train, valid, cfg, pad_id=tok.eos_token_id, cancel=_cancel_after(5),
+                       checkpoint=ckpt, checkpoint_every_s=0)
+
+    interrupted()
+    reference = other_base()
+    train_lora(reference, train, valid, cfg, pad_id=tok.eos_token_id)
+    model = other_base()
+    train_lora(model, train, valid, cfg, pad_id=tok.eos_token_id, checkpoint=ckpt)
+    got, want = trainable_state(model), trainable_state(reference)
+    assert all(torch.equal(got[n], want[n]) for n in want)  # trained from scratch, not from the checkpoint
+
+    interrupted()
+    blob = torch.load(ckpt, weights_only=True)
+    assert blob["base"]
+    blob.pop("base")  # as written before the digest existed
+    torch.save(blob, ckpt)
+    whole = fresh(tok, cfg)
+    train_lora(whole, train, valid, cfg, pad_id=tok.eos_token_id)
+    resumed = fresh(tok, cfg)
+    train_lora(resumed, train, valid, cfg, pad_id=tok.eos_token_id, checkpoint=ckpt, checkpoint_every_s=0)
+    got, want = trainable_state(resumed), trainable_state(whole)
+    assert all(torch.equal(got[n], want[n]) for n in want)

@@ -47,15 +47,18 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def weights_fingerprint(model, sample: int = 2048) -> str:
+def weights_fingerprint(model, sample: int = 2048, frozen_only: bool = False) -> str:
     """A digest of a model's weights that does not read them all: every parameter's name, shape,
-    dtype and its first and last `sample` values (a LoRA adapter's tensors included). Independent of
-    where the files lie or when they were written."""
+    dtype and its first and last `sample` values (a LoRA adapter's tensors included; with
+    `frozen_only`, the parameters that do not train: the base model under an adapter being trained).
+    Independent of where the files lie or when they were written."""
     import torch
 
     h = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if frozen_only and param.requires_grad:
+                continue
             flat = param.detach().reshape(-1)
             ends = torch.cat([flat[:sample], flat[-sample:]]) if flat.numel() > 2 * sample else flat
             h.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
