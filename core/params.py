@@ -149,12 +149,33 @@ def check_direct_solver(cfg: PruneConfig) -> None:
         f"never build it), or a surrogate.hidden_size of at most {largest} with 'direct'"))
 
 
+# The Linear layers of the SASRec surrogate (core/surrogate/model.py; tests/test_surrogate.py keeps
+# this list equal to the model's): named here so that a request is checked without importing torch.
+_BLOCK_LINEARS = ("attention.query", "attention.key", "attention.value", "attention.dense", "ffn.fc1", "ffn.fc2")
+
+
+def influence_parameters(surrogate: SurrogateConfig) -> list[str]:
+    """The values `influence.parameter` may take for this surrogate: the reference's alias, then every
+    Linear layer's dotted path."""
+    return ["last_attention_output"] + [f"blocks.{i}.{name}" for i in range(surrogate.num_layers)
+                                        for name in _BLOCK_LINEARS]
+
+
+def check_influence_parameter(cfg: PruneConfig) -> None:
+    """Refuse an influence parameter the surrogate does not have (ParamsError on influence.parameter)
+    at once, rather than after the surrogate has trained."""
+    allowed = influence_parameters(cfg.surrogate)
+    if cfg.influence.parameter not in allowed:
+        raise ParamsError("influence.parameter", f"'{cfg.influence.parameter}' is not a Linear layer of the "
+                          f"surrogate; one of {', '.join(allowed)}")
+
+
 def resolve(overrides: PruneOverrides, n_samples: int) -> PruneConfig:
     """The `PruneConfig` of a run on `n_samples` samples: the method's own defaults (its registry
     entry) beneath the caller's overrides, the budget resolved against N, one seed for every stage
     but the effort (whose LoRA seed stays the default, so the effort scores are shared by all seeds).
     Raises ParamsError naming the first bad field, or the field of a rule across fields it breaks
-    (`check_direct_solver`)."""
+    (`check_direct_solver`, `check_influence_parameter`)."""
     from core.selection.methods import get_method
 
     o = overrides
@@ -182,4 +203,5 @@ def resolve(overrides: PruneOverrides, n_samples: int) -> PruneConfig:
     }
     cfg = validated(PruneConfig, raw)
     check_direct_solver(cfg)
+    check_influence_parameter(cfg)
     return cfg

@@ -69,3 +69,28 @@ def test_the_rule_adds_no_field():
     assert set(PruneConfig().influence.model_dump()) == {"parameter", "solver", "lissa_steps", "damping", "scale",
                                                          "cg_max_iter", "cg_tol", "batch_size"}
     assert PruneConfig().surrogate.hidden_size == 64 and PruneConfig().influence.solver == "lissa"
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_influence_parameters_are_the_surrogates_linear_layers(layers):
+    """core.params names SASRec's Linear layers without importing torch (the API validates requests
+    with it): the list must stay the model's, and every name must resolve to one."""
+    from core.params import influence_parameters
+
+    cfg = SurrogateConfig(num_layers=layers)
+    model = SASRec(n_items=5, cfg=cfg)
+    names = influence_parameters(cfg)
+    assert names[0] == "last_attention_output"
+    assert names[1:] == [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert all(isinstance(model.influence_layer(n), torch.nn.Linear) for n in names)
+
+
+def test_an_unknown_influence_parameter_is_refused_before_training():
+    ok = resolve(PruneOverrides(method="influence", budget=5, influence={"parameter": "blocks.1.ffn.fc2"}),
+                 n_samples=100)
+    assert ok.influence.parameter == "blocks.1.ffn.fc2"
+    for bad in ("0", "blocks.2.ffn.fc2", "item_embeddings", "blocks.0.attention"):
+        with pytest.raises(ParamsError) as exc:
+            resolve(PruneOverrides(method="influence", budget=5, influence={"parameter": bad}), n_samples=100)
+        assert exc.value.field == "influence.parameter"
+        assert f"'{bad}' is not a Linear layer" in exc.value.message and "blocks.1.attention.dense" in exc.value.message

@@ -31,15 +31,17 @@ FLAGS = {"selection.budget": "--budget", "selection.method": "--method", "select
          "influence.solver": "--solver"}
 
 
-def usage_error(exc) -> UsageError:
-    """A core.params.ParamsError as the CLI says it: the flag when one set the field (`--surrogate
-    FIELD` / `--influence FIELD` for the sections any of whose fields those flags set)."""
-    flag = FLAGS.get(exc.field)
+def usage_error(exc, set_by: dict[str, str] | None = None) -> UsageError:
+    """A core.params.ParamsError as the CLI says it: the flag that set the field (`set_by`: the
+    `--surrogate FIELD=` / `--influence FIELD=` items of `dealrec prune`, then the dedicated flags),
+    the section's flag for a rule across its fields, else the field's dotted name."""
+    flag = (set_by or {}).get(exc.field) or FLAGS.get(exc.field)
     if flag:
-        return UsageError(f"{flag} {exc.message}")
+        return UsageError(f"{flag} {exc.message}" if flag.startswith("--") and " " not in flag
+                          else f"{flag}: {exc.message}")
     section, _, name = exc.field.partition(".")
-    if section in ("surrogate", "influence") and name:
-        return UsageError(f"--{section} {name}: {exc.message}")
+    if section in ("surrogate", "influence"):
+        return UsageError(f"--{section}{' ' + name if name else ''}: {exc.message}")
     return UsageError(f"invalid parameter {exc.field}: {exc.message}")
 
 

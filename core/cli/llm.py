@@ -149,8 +149,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ks = sorted(cfg.ks)
     out.write("  " + "  ".join(f"{m}@{k}".ljust(10) for k in ks for m in ("recall", "ndcg")) + "\n")
     out.write("  " + "  ".join(f"{metrics[f'{m}@{k}']:<10.4f}" for k in ks for m in ("recall", "ndcg")) + "\n")
-    dense = [f"the true item at {metrics['rank_pct']:.1f} % of the ranking on average"] + (
-        [f"mean NLL of the true title {metrics['nll']:.4f}"] if metrics.get("nll") is not None else [])
-    out.write(f"  {'; '.join(dense)} (lower is better)\n")
+    dense = ([f"the true item at {metrics['rank_pct']:.1f} % of the ranking on average"]
+             if metrics.get("rank_pct") is not None else []) + \
+        ([f"mean NLL of the true title {metrics['nll']:.4f}"] if metrics.get("nll") is not None else [])
+    if dense:
+        out.write(f"  {'; '.join(dense)} (lower is better)\n")
     out.write(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.jsonl'}\n")
     return 0

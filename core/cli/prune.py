@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from core.cli.common import Bars, UsageError, available_cores, usage_error
 
@@ -14,14 +15,16 @@ log = logging.getLogger("dealrec")
 
 
 def prune_overrides(args: argparse.Namespace):
-    """The run `dealrec prune`'s flags describe (core.params resolves it against the dataset)."""
+    """The run `dealrec prune`'s flags describe (core.params resolves it against the dataset). Records
+    in `args.set_by` which `--surrogate`/`--influence` item set each field, for the error messages."""
     from core.config import InfluenceConfig, SurrogateConfig
     from core.params import PruneOverrides, without_none
 
-    surrogate = field_settings("--surrogate", args.surrogate, SurrogateConfig.model_fields,
-                               shortcuts=without_none(epochs=args.epochs))
-    influence = field_settings("--influence", args.influence, InfluenceConfig.model_fields,
-                               shortcuts=without_none(solver=args.solver))
+    args.set_by = {}
+    surrogate = field_settings("--surrogate", args.surrogate, SurrogateConfig,
+                               without_none(epochs=args.epochs), args.set_by)
+    influence = field_settings("--influence", args.influence, InfluenceConfig,
+                               without_none(solver=args.solver), args.set_by)
     return PruneOverrides(
         method=args.method, budget=args.budget, seed=args.seed, lam=args.lam, strata=args.strata,
         hard_prune=args.hard_prune, normalize=args.normalize, surrogate=surrogate,
@@ -31,28 +34,45 @@ def prune_overrides(args: argparse.Namespace):
         effort_length_correction=args.effort_length_correction)
 
 
-def field_settings(flag: str, items: list[str], fields, shortcuts: dict) -> dict:
-    """`FIELD=VALUE` items of a repeatable flag as a dict for one config section, values read as
-    JSON where they parse (numbers, true/false) and as text otherwise (a solver's name). The
-    section's own shortcut flags (`--epochs`, `--solver`) join them; setting a field twice, or one the
-    section lacks, is a usage error naming the flag. Pydantic validates the values afterwards."""
+def _is_text(annotation) -> bool:
+    """A str field, or a Literal of strings (a solver's name): its value is taken as written."""
+    if annotation is str:
+        return True
+    return get_origin(annotation) is Literal and all(isinstance(a, str) for a in get_args(annotation))
+
+
+def field_settings(flag: str, items: list[str], model, shortcuts: dict, set_by: dict[str, str]) -> dict:
+    """`FIELD=VALUE` items of a repeatable flag as a dict for one config section (`model`'s fields):
+    text fields take the value as written, the others read it as JSON (numbers; `true`/`false` only
+    for a bool field, never as 1/0 for a number). The section's shortcut flags (`--epochs`, `--solver`)
+    join them; setting a field twice, or one the section lacks, is a usage error naming the flag.
+    Pydantic validates the values afterwards; `set_by` gets "section.field" -> the item that set it."""
+    fields = model.model_fields
+    section = flag.removeprefix("--")
     out = dict(shortcuts)
     # The shortcut flags are named after their field (--epochs, --solver).
-    set_by = {name: f"--{name.replace('_', '-')}" for name in shortcuts}
+    given = {name: f"--{name.replace('_', '-')}" for name in shortcuts}
     for item in items:
         name, sep, text = item.partition("=")
-        name = name.strip()
+        name, text = name.strip(), text.strip()
         if not sep or not name:
             raise UsageError(f"{flag} '{item}': expected FIELD=VALUE, e.g. {flag} {next(iter(fields))}=...")
         if name not in fields:
             raise UsageError(f"{flag} '{item}': no field '{name}'; the fields are {', '.join(fields)}")
         if name in out:
-            raise UsageError(f"{flag} '{item}': {name} is set twice (also by {set_by[name]})")
-        try:
-            out[name] = json.loads(text)
-        except ValueError:
-            out[name] = text
-        set_by[name] = f"{flag} {name}=..."
+            raise UsageError(f"{flag} '{item}': {name} is set twice (also by {given[name]})")
+        annotation = fields[name].annotation
+        if _is_text(annotation):
+            value = text
+        else:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text  # not a number: pydantic's message names the field and the value
+            if isinstance(value, bool) and annotation is not bool:
+                raise UsageError(f"{flag} '{item}': {name} takes a number, not {text}")
+        out[name] = value
+        given[name] = set_by[f"{section}.{name}"] = f"{flag} {name}"
     return out
 
 
@@ -74,7 +94,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         cfg = resolve(prune_overrides(args), ds.n_samples)
     except ParamsError as exc:
-        raise usage_error(exc) from None
+        raise usage_error(exc, args.set_by) from None
     from core.effort.llm import resolve_llm
     from core.selection import required_scores
 

@@ -231,13 +231,14 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     `ds` (`cfg.test_users` of them, seeded, or all with a test item).
 
     `items`: precomputed `item_embeddings` (else computed here). Returns {"metrics": {"recall@K",
-    "ndcg@K", ..., "users", "nll"}, "predictions": [{"user", "user_id", "generated", "targets",
+    "ndcg@K", ..., "rank_pct", "users", "nll"}, "predictions": [{"user", "user_id", "generated", "targets",
     "target_rank", "target_full_rank", "rank_pct", "top10", "metrics", "nll", "answer_tokens"}],
     "seconds": {...}, "generation": {...}}; item ids are 1-based, `target_rank` is the 0-based rank of
     the best-placed test item among the first max(ks) (None beyond), `target_full_rank` its rank among
-    all items ranked and `rank_pct` that rank in % of them (`metrics["rank_pct"]`: the mean over users;
-    lower is better), "metrics" the user's own; "nll" (with `cfg.nll`) the mean negative
-    log-likelihood per token of the true test title and EOS after the prompt, teacher forced.
+    all items ranked and `rank_pct` that rank in % of them (`metrics["rank_pct"]`: the mean over the
+    users with a test item ranked, None without any; lower is better), "metrics" the user's own;
+    "nll" (with `cfg.nll`) the mean negative log-likelihood per token of the true test title and EOS
+    after the prompt, teacher forced.
 
     `journal`: a file in which each finished generation batch is recorded, so that a rerun after an
     interruption resumes there (core.evaluate.journal; the caller removes it once the result is kept).
@@ -300,8 +301,10 @@ def evaluate_llm(model, tokenizer, ds: RecDataset, cfg: LLMEvalConfig, *, templa
     # better): every user contributes, not only the few with a hit in the first K.
     dense = full_ranks(queries, items, [[i - 1 for i in ds.test[u]] for u in users], exclude)
     rank_pct = [None if x is None else 100.0 * x[0] / x[1] for x in dense]
+    # Over the users with a test item left to rank (all of them unless seen items are excluded);
+    # None, not NaN, when there is none: metrics.json stays strict JSON.
     ranked_users = [v for v in rank_pct if v is not None]
-    metrics["rank_pct"] = float(np.mean(ranked_users)) if ranked_users else float("nan")
+    metrics["rank_pct"] = float(np.mean(ranked_users)) if ranked_users else None
     if cfg.nll:
         # Mean over users of each user's mean NLL per answer token (title + EOS), teacher forced.
         metrics["nll"] = mean_nll(gen.nll)

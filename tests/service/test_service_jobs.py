@@ -156,6 +156,16 @@ def test_the_direct_solver_past_its_memory_bound_is_422(api, dataset):
     assert len(api("GET", "/v1/jobs?limit=200").json()["items"]) == before
 
 
+def test_an_influence_parameter_the_surrogate_lacks_is_422(api, dataset):
+    """Refused before the job exists, not after its surrogate trained (core.params.check_influence_parameter)."""
+    r = _prune(api, dataset["id"], budget=4, method="influence",
+               params={"influence": {"parameter": "blocks.9.ffn.fc1"}})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["field"]) == ("invalid_request", "params.influence.parameter"), err
+    assert "'blocks.9.ffn.fc1' is not a Linear layer" in err["message"], err
+
+
 def test_missing_dataset_is_404(api):
     r = _prune(api, "ds_0000000000000000000000", budget=4)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
