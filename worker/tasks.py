@@ -149,6 +149,18 @@ def sweep_storage() -> int:
     return files.sweep(store.job_exists, store.dataset_exists, stale_s) + len(sweep_abandoned(store, files, stale_s))
 
 
+def sweep_storage_once(store: JobStore, holder: str, period_s: float) -> None:
+    """The periodic storage sweep, by the one worker that claims this period; never raises (the
+    heartbeat thread must go on)."""
+    try:
+        if store.claim_storage_sweep(holder, period_s):
+            sweep_storage()
+    except redis.RedisError as exc:
+        log.warning("storage not swept: %s", exc)
+    except Exception:  # noqa: BLE001 - a file system error: the next period tries again
+        log.exception("storage not swept")
+
+
 def sweep_stale_uploads(store: JobStore, files: Files, stale_s: float) -> None:
     """What an API that died mid-upload leaves, once unchanged for `stale_s`: partial files under tmp/,
     and a dataset record never handed to validation (worker/service/uploads.py)."""
@@ -205,8 +217,9 @@ class _Heartbeat:
     """Marks this worker alive in the store. `/readyz` reads it: a solo-pool worker busy with a job
     cannot answer Celery's control.ping, yet it is there. The same thread looks for stalled jobs
     (one worker per period), for held jobs a dead process left unsent (worker/service/dispatch.py),
-    and sweeps what an API that died mid-upload left (every worker, cheap: a partial upload and a dataset
-    record never handed to validation go within minutes, not at the next worker start)."""
+    sweeps what an API that died mid-upload left (every worker, cheap: a partial upload and a dataset
+    record never handed to validation go within minutes, not at the next worker start), and once per
+    DEALREC_STORAGE_SWEEP_S (one worker) removes the folders of expired jobs and deleted datasets."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -222,6 +235,7 @@ class _Heartbeat:
         store, files = _context()
         next_reap = time.monotonic() + settings.lock_ttl_s
         next_sweep = time.monotonic() + settings.tmp_sweep_period_s  # the worker swept at start
+        next_storage_sweep = time.monotonic() + settings.storage_sweep_s
         while True:
             try:
                 store.worker_alive(self.name, settings.worker_heartbeat_s * 3)
@@ -235,6 +249,9 @@ class _Heartbeat:
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + settings.tmp_sweep_period_s
                 sweep_stale_uploads(store, files, settings.stale_upload_s)
+            if time.monotonic() >= next_storage_sweep:
+                next_storage_sweep = time.monotonic() + settings.storage_sweep_s
+                sweep_storage_once(store, self.name, settings.storage_sweep_s)
             if self.stop.wait(settings.worker_heartbeat_s):
                 break
 

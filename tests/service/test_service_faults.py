@@ -209,6 +209,29 @@ def test_stale_partial_uploads_are_swept_and_live_ones_kept(sweeper, start_api_s
     assert status == 408 and body["error"]["code"] == "upload_timeout", body
 
 
+def test_the_folders_of_expired_jobs_and_deleted_datasets_are_swept_while_workers_run(service_env, store,
+                                                                                   settings, tmp_path):
+    """Not only at a worker's start: a long-running service would keep every job's files forever."""
+    w = WorkerProcess({**service_env, "DEALREC_STORAGE_SWEEP_S": "1"}, tmp_path, store)
+    w.n = 21  # its own log file
+    w.start()
+    not_ours = settings.data_dir / "jobs" / "notes"  # not a job id: never touched
+    not_ours.mkdir(parents=True, exist_ok=True)
+    try:
+        # Two waves of folders whose records expired (or never existed): the second is made after the
+        # first went, so after the worker's start-up sweep whichever sweep took the first.
+        for _ in range(2):
+            orphans = [settings.data_dir / "jobs" / new_id("job"), settings.data_dir / "datasets" / new_id("ds")]
+            for folder in orphans:
+                write_dataset(folder, {"result.json": b"{}"})
+            wait_for(lambda wave=orphans: {"left": [f.name for f in wave if f.exists()]}, lambda r: not r["left"],
+                     timeout=60, interval=0.2)
+        assert not_ours.is_dir()
+    finally:
+        w.stop()
+        not_ours.rmdir()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cancel while the LLM loads
 

@@ -413,6 +413,10 @@ class JobStore:
         """One worker per period looks for stalled jobs."""
         return bool(self.r.set(self.key("reaper"), holder, nx=True, px=int(period_s * 1000)))
 
+    def claim_storage_sweep(self, holder: str, period_s: float) -> bool:
+        """One worker per period sweeps the storage (worker/tasks.py)."""
+        return bool(self.r.set(self.key("storage-sweep"), holder, nx=True, px=int(period_s * 1000)))
+
     # ---- metrics ------------------------------------------------------------------------------
     def metrics_snapshot(self) -> dict[str, dict[str, float]]:
         with self.r.pipeline(transaction=False) as p:

@@ -61,6 +61,9 @@ class Settings(BaseModel):
     # A temporary folder (a partial upload, a job's outputs being written) in which nothing changed
     # for this long is removed by the workers' periodic sweep.
     stale_upload_s: int = Field(900, ge=1)
+    # How often one worker removes the folders of expired jobs and deleted datasets (each worker also
+    # does at its start): without it a long-running service keeps every job's files forever.
+    storage_sweep_s: int = Field(3600, ge=1)
     max_upload_files: int = Field(1000, ge=1)  # files in one plain multipart upload (archives: max_archive_files)
     # An archive that unpacks to more than this many times its own size is refused while it is
     # unpacked (a zip bomb); real data compresses 2-10x (the Games files: 2.2x).
