@@ -1,5 +1,5 @@
 """`dealrec` command line: prune a dataset, inspect or extend a dataset, fine-tune the LLM on a
-selection, evaluate the LLM recommender. One module per command group; this one dispatches.
+selection, evaluate the LLM recommender, look after the cache. One module per command group; this one dispatches.
 
 Bad input ends with one clear message on stderr and exit code 2, never a traceback."""
 
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from core.cli.cache import cmd_cache
 from core.cli.common import EXIT_BAD_INPUT, UsageError
 from core.cli.data import cmd_extend, cmd_inspect
 from core.cli.llm import cmd_evaluate, cmd_finetune, read_selection
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None, extra_commands: Callable[[Any], None] | 
             return cmd_finetune(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         return cmd_prune(args)
     except (DataError, LLMError, UsageError) as exc:
         sys.stderr.write(f"dealrec: error: {exc}\n")

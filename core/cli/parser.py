@@ -132,6 +132,16 @@ def build_parser(extra_commands: Callable[[Any], None] | None = None) -> argpars
     ev.add_argument("--no-cache", action="store_true", help="do not reuse or store item embeddings")
     ev.add_argument("--out", required=True, help="output folder (metrics.json, predictions.jsonl)")
 
+    ca = sub.add_parser("cache", help="what the cache holds; remove the entries not used for a while")
+    ca.add_argument("--cache-dir", default=None, help="cache folder (default $DEALREC_CACHE_DIR or ~/.cache/dealrec)")
+    ca.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                    help="remove the entries not read or written for this many days (without it: list)")
+    ca.add_argument("--kind", action="append", default=[],
+                    help="only entries of this kind (repeatable): surrogate, influence, effort, effort-store, llm, "
+                         "items-bigrec, ...")
+    ca.add_argument("--dry-run", action="store_true", help="say what --older-than would remove, remove nothing")
+    ca.add_argument("--json", action="store_true", help="the listing as JSON")
+
     if extra_commands is not None:
         extra_commands(sub)
     return p
