@@ -19,8 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-# Folders whose sub-folders are the entries (the other entries are top-level `<kind>-<hash>` folders).
-NESTED = ("llm", "effort-store")
+# Folders whose sub-folders are the entries, and the exact names those entries have (the LLM's content
+# key, core/effort/llm.py; the score store's cache_key): a folder of any other name under them (a
+# model a person keeps in a folder called llm/, should --cache-dir point above it) is never an entry.
+NESTED = {"llm": re.compile(r"[0-9a-f]{16}"), "effort-store": re.compile(r"effort-store-[0-9a-f]{20}")}
+# The other entries are top-level `<kind>-<hash>` folders (core.cache.cache_key).
 _KEYED = re.compile(r"(?P<kind>[a-z][a-z0-9-]*)-[0-9a-f]{20}")
 DAY_S = 24 * 3600
 
@@ -69,7 +72,7 @@ def cache_entries(root: Path) -> list[CacheEntry]:
             continue
         if top.name in NESTED:
             candidates = [(p, top.name) for p in sorted(top.iterdir())
-                          if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+                          if p.is_dir() and not p.is_symlink() and NESTED[top.name].fullmatch(p.name)]
         elif (m := _KEYED.fullmatch(top.name)) is not None:
             candidates = [(top, m.group("kind"))]
         else:

@@ -149,8 +149,8 @@ def check_direct_solver(cfg: PruneConfig) -> None:
         f"never build it), or a surrogate.hidden_size of at most {largest} with 'direct'"))
 
 
-# The Linear layers of the SASRec surrogate (core/surrogate/model.py; tests/test_surrogate.py keeps
-# this list equal to the model's): named here so that a request is checked without importing torch.
+# The Linear layers of the SASRec surrogate (core/surrogate/model.py; tests/test_direct_solver_bound.py
+# keeps this list equal to the model's): named here so that a request is checked without importing torch.
 _BLOCK_LINEARS = ("attention.query", "attention.key", "attention.value", "attention.dense", "ffn.fc1", "ffn.fc2")
 
 
@@ -163,7 +163,12 @@ def influence_parameters(surrogate: SurrogateConfig) -> list[str]:
 
 def check_influence_parameter(cfg: PruneConfig) -> None:
     """Refuse an influence parameter the surrogate does not have (ParamsError on influence.parameter)
-    at once, rather than after the surrogate has trained."""
+    at once, rather than after the surrogate has trained; a method that computes no influence never
+    reads it, so it is not checked there."""
+    from core.selection import required_scores
+
+    if "influence" not in required_scores(cfg.selection.method):
+        return
     allowed = influence_parameters(cfg.surrogate)
     if cfg.influence.parameter not in allowed:
         raise ParamsError("influence.parameter", f"'{cfg.influence.parameter}' is not a Linear layer of the "

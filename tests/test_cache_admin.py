@@ -33,8 +33,10 @@ def cache(tmp_path) -> Path:
     _entry(root, "items-bigrec-" + "c" * 20, {"items.npz": 300}, age_days=40)
     _entry(root, "llm/d1e10c81eace0713", {"config.json": 10, "model.safetensors": 5000}, age_days=40)
     _entry(root, "effort-store/effort-store-" + "d" * 20, {"seg-1.npz": 70, "seg-2.npz": 30}, age_days=40)
-    # Not entries: a person's notes, a hidden temporary file, a folder of another shape.
+    # Not entries: a person's notes, a model someone keeps under llm/, a hidden temporary file.
     _entry(root, "notes", {"todo.txt": 5}, age_days=400)
+    _entry(root, "llm/my-finetuned-model", {"config.json": 5}, age_days=400)
+    _entry(root, "effort-store/backup", {"seg-0.npz": 5}, age_days=400)
     (root / ".effort.npz.tmp").write_bytes(b"x")
     os.utime(root / ".effort.npz.tmp", (0, 0))
     return root
@@ -66,8 +68,8 @@ def test_remove_entry_takes_the_whole_folder(cache):
     (entry,) = [e for e in cache_entries(cache) if e.kind == "llm"]
     remove_entry(entry)
     remove_entry(entry)  # gone already: nothing to do
-    assert not entry.path.exists() and (cache / "llm").is_dir()
-    assert not [p for p in (cache / "llm").iterdir()]
+    assert not entry.path.exists()
+    assert [p.name for p in (cache / "llm").iterdir()] == ["my-finetuned-model"]
 
 
 def test_cli_lists_then_removes_only_old_entries_of_the_kinds_asked(cache, capsys):
@@ -84,6 +86,7 @@ def test_cli_lists_then_removes_only_old_entries_of_the_kinds_asked(cache, capsy
     assert "removed 4 of 5 entries" in out
     left = sorted(p.name for p in cache.iterdir())
     assert left == [".effort.npz.tmp", "effort-store", "llm", "notes", "surrogate-" + "b" * 20]
+    assert (cache / "llm" / "my-finetuned-model").is_dir() and (cache / "effort-store" / "backup").is_dir()
 
     assert main(["cache", "--cache-dir", str(cache)]) == 0
     assert "1 entries" in capsys.readouterr().out

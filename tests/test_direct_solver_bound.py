@@ -94,3 +94,5 @@ def test_an_unknown_influence_parameter_is_refused_before_training():
             resolve(PruneOverrides(method="influence", budget=5, influence={"parameter": bad}), n_samples=100)
         assert exc.value.field == "influence.parameter"
         assert f"'{bad}' is not a Linear layer" in exc.value.message and "blocks.1.attention.dense" in exc.value.message
+    # A method without influence never reads it (a job queued before the check existed still runs).
+    assert resolve(PruneOverrides(method="random", budget=5, influence={"parameter": "0"}), n_samples=100)
