@@ -144,21 +144,42 @@ def effort_shard(self, job_id: str, index: int) -> str:
 
 @app.task(name=TASK_SWEEP)
 def sweep_storage() -> int:
+    """Folders of expired jobs and deleted datasets, stale temporary folders, abandoned uploads; the
+    first two only while the store and the data folder are paired (Files.paired)."""
     store, files = _context()
     stale_s = get_settings().stale_upload_s
-    return files.sweep(store.job_exists, store.dataset_exists, stale_s) + len(sweep_abandoned(store, files, stale_s))
+    removed = files.sweep(store.job_exists, store.dataset_exists, stale_s) if files.paired(store) \
+        else files.sweep_tmp(stale_s)
+    return removed + len(sweep_abandoned(store, files, stale_s))
+
+
+_storage_sweeper: threading.Thread | None = None
 
 
 def sweep_storage_once(store: JobStore, holder: str, period_s: float) -> None:
-    """The periodic storage sweep, by the one worker that claims this period; never raises (the
-    heartbeat thread must go on)."""
+    """The periodic storage sweep, by the one worker that claims this period, on a thread of its own
+    (a first sweep may have weeks of folders to delete: the heartbeat must not wait for it); never
+    raises."""
+    global _storage_sweeper
+    if _storage_sweeper is not None and _storage_sweeper.is_alive():
+        return
     try:
-        if store.claim_storage_sweep(holder, period_s):
-            sweep_storage()
+        if not store.claim_storage_sweep(holder, period_s):
+            return
     except redis.RedisError as exc:
         log.warning("storage not swept: %s", exc)
-    except Exception:  # noqa: BLE001 - a file system error: the next period tries again
-        log.exception("storage not swept")
+        return
+
+    def run() -> None:
+        try:
+            sweep_storage()
+        except redis.RedisError as exc:  # a sweep stops at its first Redis error: nothing is removed unasked
+            log.warning("storage not swept: %s", exc)
+        except Exception:  # noqa: BLE001 - a file system error: the next period tries again
+            log.exception("storage not swept")
+
+    _storage_sweeper = threading.Thread(target=run, name="dealrec-storage-sweep", daemon=True)
+    _storage_sweeper.start()
 
 
 def sweep_stale_uploads(store: JobStore, files: Files, stale_s: float) -> None:

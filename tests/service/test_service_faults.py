@@ -212,20 +212,33 @@ def test_stale_partial_uploads_are_swept_and_live_ones_kept(sweeper, start_api_s
 def test_the_folders_of_expired_jobs_and_deleted_datasets_are_swept_while_workers_run(service_env, store,
                                                                                    settings, tmp_path):
     """Not only at a worker's start: a long-running service would keep every job's files forever."""
-    w = WorkerProcess({**service_env, "DEALREC_STORAGE_SWEEP_S": "1"}, tmp_path, store)
+    w = WorkerProcess({**service_env, "DEALREC_STORAGE_SWEEP_S": "1", "DEALREC_STALE_UPLOAD_S": str(STALE_S)},
+                      tmp_path, store)
     w.n = 21  # its own log file
     w.start()
     not_ours = settings.data_dir / "jobs" / "notes"  # not a job id: never touched
     not_ours.mkdir(parents=True, exist_ok=True)
+    an_hour_ago = time.time() - 3600
+
+    def orphan(folder: Path, age: float = an_hour_ago) -> Path:
+        write_dataset(folder, {"result.json": b"{}"})
+        for path in (folder / "result.json", folder):
+            os.utime(path, (age, age))
+        return folder
+
     try:
-        # Two waves of folders whose records expired (or never existed): the second is made after the
-        # first went, so after the worker's start-up sweep whichever sweep took the first.
+        # Two waves of folders whose records expired (or never existed), unchanged for an hour: the
+        # second is made after the first went, so after the worker's start-up sweep.
         for _ in range(2):
-            orphans = [settings.data_dir / "jobs" / new_id("job"), settings.data_dir / "datasets" / new_id("ds")]
-            for folder in orphans:
-                write_dataset(folder, {"result.json": b"{}"})
+            orphans = [orphan(settings.data_dir / "jobs" / new_id("job")),
+                       orphan(settings.data_dir / "datasets" / new_id("ds"))]
             wait_for(lambda wave=orphans: {"left": [f.name for f in wave if f.exists()]}, lambda r: not r["left"],
                      timeout=60, interval=0.2)
+        # One written just now is kept until it has been still for DEALREC_STALE_UPLOAD_S.
+        fresh = orphan(settings.data_dir / "jobs" / new_id("job"), age=time.time())
+        time.sleep(3)
+        assert fresh.is_dir()
+        wait_for(lambda: {"left": fresh.exists()}, lambda r: not r["left"], timeout=60, interval=0.5)
         assert not_ours.is_dir()
     finally:
         w.stop()

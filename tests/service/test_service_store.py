@@ -169,3 +169,37 @@ def test_metrics_counters_follow_transitions(s):
     s.transition(j1.id, "succeeded")
     snap = s.metrics_snapshot()["jobs"]
     assert snap["queued"] == 1 and snap["running"] == 0 and snap["succeeded"] == 1
+
+
+def test_storage_sweeps_only_a_data_folder_paired_with_its_store(s, tmp_path):
+    """An emptied Redis (or another prefix or database) answers "no record" for every job and dataset:
+    the folder's pairing id then finds no match in the store and nothing is swept."""
+    import os
+    import time
+
+    from worker.service.files import Files
+
+    files = Files(tmp_path / "data")
+    assert files.paired(s)  # first time: one id, on both sides
+    marker = tmp_path / "data" / Files.PAIRING_FILE
+    assert marker.read_text().strip() == s.recorded_pairing()
+    assert files.paired(s)
+    # A new data folder (or one whose file was lost) adopts the store's id.
+    other = Files(tmp_path / "other")
+    assert other.paired(s) and (tmp_path / "other" / Files.PAIRING_FILE).read_text() == marker.read_text()
+
+    old = time.time() - 3600
+    orphan = tmp_path / "data" / "jobs" / new_id("job")
+    orphan.mkdir(parents=True)
+    os.utime(orphan, (old, old))
+    s.r.delete(s.key("data-folder-id"))  # the store lost its data
+    assert not files.paired(s)
+    assert s.recorded_pairing() is None  # a failed check records nothing
+    assert orphan.is_dir()
+    # Paired (an operator re-created the id), the orphan goes; a folder changed just now stays.
+    s.data_pairing(marker.read_text().strip())
+    assert files.paired(s)
+    fresh = tmp_path / "data" / "jobs" / new_id("job")
+    fresh.mkdir()
+    assert files.sweep(s.job_exists, s.dataset_exists, tmp_max_age_s=600) == 1
+    assert not orphan.exists() and fresh.is_dir()

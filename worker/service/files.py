@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -71,16 +72,45 @@ class Files:
     def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
+    PAIRING_FILE = ".store-id"
+
+    def paired(self, store) -> bool:
+        """Whether `store` (a JobStore) holds the records of this folder, i.e. whether "no record"
+        there means "expired or deleted" here. A random id is written on both sides the first time
+        (a new service, or one from before this check); after that a store with no id while the
+        folder has one is a Redis that lost its data (a restart without persistence, a flush, an
+        empty replica) or another key prefix or database: everything would look orphaned, so nothing
+        is swept (an error is logged instead). A folder without its file adopts the store's id."""
+        marker = self.root / self.PAIRING_FILE
+        mine = marker.read_text().strip() if marker.is_file() else None
+        theirs = store.recorded_pairing()
+        if mine is None:
+            theirs = store.data_pairing(secrets.token_hex(16))
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+            tmp.write_text(theirs + "\n")
+            os.replace(tmp, marker)
+            return True
+        if theirs != mine:
+            log.error("storage not swept: the store's records do not belong to %s (it records %s, the folder %s): "
+                      "an emptied Redis, or another key prefix or database; remove %s only if this folder's data "
+                      "is to be dropped", self.root, theirs or "no folder", mine, marker)
+            return False
+        return True
+
     def sweep(self, job_exists, dataset_exists, tmp_max_age_s: float = 15 * 60) -> int:
         """Remove job folders whose records expired, dataset folders whose records are gone, and stale
-        temporary folders (`sweep_tmp`). Returns how many folders went."""
+        temporary folders (`sweep_tmp`). Returns how many folders went. A folder is removed only once
+        nothing in it changed for `tmp_max_age_s` too (a second guard: records are written before their
+        folders, so a live one always has its record). The caller checks `paired` first."""
         removed = 0
+        cutoff = time.time() - tmp_max_age_s
         for kind, sub, exists in (("job", "jobs", job_exists), ("ds", "datasets", dataset_exists)):
             folder = self.root / sub
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
-                if is_valid_id(kind, entry.name) and not exists(entry.name):
+                if is_valid_id(kind, entry.name) and not exists(entry.name) and not _changed_since(entry, cutoff):
                     self.remove(entry)
                     removed += 1
         removed += self.sweep_tmp(tmp_max_age_s)

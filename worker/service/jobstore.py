@@ -417,6 +417,16 @@ class JobStore:
         """One worker per period sweeps the storage (worker/tasks.py)."""
         return bool(self.r.set(self.key("storage-sweep"), holder, nx=True, px=int(period_s * 1000)))
 
+    def data_pairing(self, candidate: str) -> str:
+        """The id that pairs this store with its data folder (worker/service/files.py `paired`): the
+        one recorded here, or `candidate` when none was (recorded now, never expiring)."""
+        key = self.key("data-folder-id")
+        self.r.set(key, candidate, nx=True)
+        return self.r.get(key) or candidate
+
+    def recorded_pairing(self) -> str | None:
+        return self.r.get(self.key("data-folder-id"))
+
     # ---- metrics ------------------------------------------------------------------------------
     def metrics_snapshot(self) -> dict[str, dict[str, float]]:
         with self.r.pipeline(transaction=False) as p:
