@@ -11,7 +11,12 @@ difference is averaged over those seeds, then grouped by quartile of
 - answer tokens: the true title's length in tokens (NLL is a mean over them),
 - target popularity: how often the true test item is a training item of the pool's users.
 Writes OUT/llm-breakdown.md and .json. Metrics: NLL (lower is better) and, where the cells have
-them, Recall/NDCG@20.
+them, the rank percentile and Recall/NDCG@20.
+
+It ends with one row per finished cell (every method and seed of the budget): the fine-tuning's
+training tokens (mean prompt tokens of the selection, the loss covering the whole prompt) against its
+mean NLL, and their rank correlation over the cells: how much of a selection's NLL is how many tokens
+it gave the model to learn from.
 """
 
 from __future__ import annotations
@@ -59,6 +64,25 @@ def finished_cells(out: Path, budget: int, n_users: int | None = None) -> dict[t
         if key not in found or _fuller(cell) > _fuller(found[key]):
             found[key] = cell
     return found
+
+
+def token_table(cells: dict[tuple[str, int], dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each fine-tuned cell's mean training prompt tokens and mean NLL, fewest tokens first, and the
+    Spearman correlation of the two over the cells (markdown lines)."""
+    from scipy.stats import spearmanr
+
+    rows = sorted(({"method": m, "seed": s, "train_tokens": float(c["finetune"]["mean_train_tokens"]),
+                    "nll": float(np.mean(per_user(c, NLL)))}
+                   for (m, s), c in cells.items() if c.get("finetune")), key=lambda r: (r["train_tokens"], r["method"]))
+    if len(rows) < 3:
+        return rows, []
+    rho = float(spearmanr([r["train_tokens"] for r in rows], [r["nll"] for r in rows]).statistic)
+    lines = ["## Training tokens against NLL, every finished cell", "",
+             f"Spearman correlation over the {len(rows)} cells: {rho:+.2f} (fine-tuning covers the whole prompt, "
+             "so a selection of longer histories gives the model more title tokens to learn from).", "",
+             "| method | seed | mean prompt tokens of the selection | NLL |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['method']} | {r['seed']} | {r['train_tokens']:.1f} | {r['nll']:.4f} |" for r in rows]
+    return rows, lines + [""]
 
 
 def _fuller(cell: dict[str, Any]) -> tuple[int, bool]:
@@ -128,6 +152,9 @@ def main(argv=None) -> int:
                 lines.append(f"| {name} | " + " | ".join(cells_md) + " |")
             lines.append("")
         report["methods"][method] = entry
+    rows, table = token_table(cells)
+    report["cells_by_tokens"] = rows
+    lines += table
     (out / "llm-breakdown.md").write_text("\n".join(lines))
     (out / "llm-breakdown.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))

@@ -327,3 +327,18 @@ def test_llm_breakdown_quartiles_split_ties_and_average_the_groups():
     rows = breakdown(diff, {"x": x})["x"]
     assert [r["mean_diff"] for r in rows] == [0.5, 2.5, 4.5, 6.5]
     assert (rows[-1]["from"], rows[-1]["to"]) == (5.0, 9.0)
+
+
+def test_llm_breakdown_token_table_orders_cells_and_correlates():
+    from bench.llm_breakdown import token_table
+
+    def cell(tokens, nll):
+        return {"finetune": {"mean_train_tokens": tokens}, "users": [{"nll": nll - 0.1}, {"nll": nll + 0.1}]}
+
+    cells = {("a", 0): cell(200.0, 3.70), ("b", 0): cell(150.0, 3.80), ("c", 1): cell(180.0, 3.75),
+             ("base", 0): {"finetune": None, "users": [{"nll": 4.0}]}}
+    rows, lines = token_table(cells)
+    assert [(r["method"], r["seed"]) for r in rows] == [("b", 0), ("c", 1), ("a", 0)]  # fewest tokens first
+    assert rows[0]["nll"] == pytest.approx(3.80)
+    assert "Spearman correlation over the 3 cells: -1.00" in lines[2]
+    assert token_table({("a", 0): cell(200.0, 3.7)})[1] == []  # too few cells for a correlation
