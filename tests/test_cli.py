@@ -93,11 +93,12 @@ def test_prune_dealrec_real_llm_is_reproducible(games_dir, cache, tmp_path):
     (["--epochs", "3", "--surrogate", "epochs=4"], "epochs is set twice (also by --epochs)"),
     (["--surrogate", "epochs=0"], "--surrogate epochs: "),  # the flag the user typed, not --epochs
     (["--surrogate", "epochs=true"], "epochs takes a number, not true"),
-    (["--influence", "parameter=0"], "--influence parameter: '0' is not a Linear layer of the surrogate"),
+    (["--method", "influence", "--influence", "parameter=0"],
+     "--influence parameter: '0' is not a Linear layer of the surrogate"),
 ])
 def test_prune_bad_parameters_exit_2(tmp_path, cache, extra, message):
     data = write_dealrec_folder(tmp_path / "data", "1 1 2 3\n2 2 3\n", "1\n2\n", "1 4\n2\n", n_items=4)
-    method = [] if "--llm" in extra else ["--method", "random"]
+    method = [] if "--llm" in extra or "--method" in extra else ["--method", "random"]
     r = dealrec("prune", "--data", str(data), *method, *extra, "--out", str(tmp_path / "o"), "--no-progress",
                 cache=cache)
     assert r.returncode == 2
