@@ -355,7 +355,7 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
                        "them):"), "",
                   "| method | seed | users | " + ("hits@20 | hits@50 | " if "recall@20" in shown else "")
                   + " | ".join(f"{label_of(m)} difference [95% CI], p" for m in shown) + " |",
-                  "| --- | --- | --- | " + ("--- | --- | " if "recall@20" in shown else "") + "--- | " * len(shown)]
+                  "| --- | --- | --- |" + (" --- | --- |" if "recall@20" in shown else "") + " --- |" * len(shown)]
         for c in comps:
             hits = f"{c['hits@20'][0]} vs {c['hits@20'][1]} | {c['hits@50'][0]} vs {c['hits@50'][1]} | " \
                 if "hits@20" in c else ""
