@@ -35,10 +35,10 @@ def usage_error(exc, set_by: dict[str, str] | None = None) -> UsageError:
     """A core.params.ParamsError as the CLI says it: the flag that set the field (`set_by`: the
     `--surrogate FIELD=` / `--influence FIELD=` items of `dealrec prune`, then the dedicated flags),
     the section's flag for a rule across its fields, else the field's dotted name."""
-    flag = (set_by or {}).get(exc.field) or FLAGS.get(exc.field)
-    if flag:
-        return UsageError(f"{flag} {exc.message}" if flag.startswith("--") and " " not in flag
-                          else f"{flag}: {exc.message}")
+    if set_by and exc.field in set_by:
+        return UsageError(f"{set_by[exc.field]}: {exc.message}")
+    if exc.field in FLAGS:
+        return UsageError(f"{FLAGS[exc.field]} {exc.message}")
     section, _, name = exc.field.partition(".")
     if section in ("surrogate", "influence"):
         return UsageError(f"--{section}{' ' + name if name else ''}: {exc.message}")

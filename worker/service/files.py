@@ -82,15 +82,14 @@ class Files:
         empty replica) or another key prefix or database: everything would look orphaned, so nothing
         is swept (an error is logged instead). A folder without its file adopts the store's id."""
         marker = self.root / self.PAIRING_FILE
-        mine = marker.read_text().strip() if marker.is_file() else None
-        theirs = store.recorded_pairing()
-        if mine is None:
+        if not marker.is_file():
             theirs = store.data_pairing(secrets.token_hex(16))
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
             tmp.write_text(theirs + "\n")
             os.replace(tmp, marker)
             return True
+        mine, theirs = marker.read_text().strip(), store.recorded_pairing()
         if theirs != mine:
             log.error("storage not swept: the store's records do not belong to %s (it records %s, the folder %s): "
                       "an emptied Redis, or another key prefix or database; remove %s only if this folder's data "

@@ -409,13 +409,16 @@ class JobStore:
                     out.append(job)
         return out
 
+    def _claim_period(self, name: str, holder: str, period_s: float) -> bool:
+        return bool(self.r.set(self.key(name), holder, nx=True, px=int(period_s * 1000)))
+
     def claim_reaper(self, holder: str, period_s: float) -> bool:
         """One worker per period looks for stalled jobs."""
-        return bool(self.r.set(self.key("reaper"), holder, nx=True, px=int(period_s * 1000)))
+        return self._claim_period("reaper", holder, period_s)
 
     def claim_storage_sweep(self, holder: str, period_s: float) -> bool:
         """One worker per period sweeps the storage (worker/tasks.py)."""
-        return bool(self.r.set(self.key("storage-sweep"), holder, nx=True, px=int(period_s * 1000)))
+        return self._claim_period("storage-sweep", holder, period_s)
 
     def data_pairing(self, candidate: str) -> str:
         """The id that pairs this store with its data folder (worker/service/files.py `paired`): the
