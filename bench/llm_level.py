@@ -6,7 +6,8 @@ configuration, computed when that cell is missing), `core.finetune.run_finetune`
 adapter on it, and `core.evaluate.bigrec.run_evaluate` generates a title per test user, grounds it
 and scores Recall/NDCG@10/20/50. The test users are the same for every row (their subset seed is
 the evaluation's, not the training seed), so two methods can be compared user by user: the report
-adds a paired bootstrap interval for the difference of each method against the first one.
+adds, for each method against the reference, the paired difference with its bootstrap interval and a
+sign-flip test (bench/paired.py), and the decision rule of docs/RESULTS.md over those tests.
 
 Each result is kept as JSON under OUT/llm-cells/ (an interrupted run resumes); adapters are kept
 under OUT/llm-adapters/, keyed by what they depend on, so an evaluation interrupted after its
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import METRICS, SHORT, command_line, fmt_mean_std, mean_std, pyplot
+from bench.paired import ALPHA, SAMPLES, decide, paired_test
 from core.cache import atomic_write_bytes, cache_key
 from core.config import FinetuneConfig, LLMEvalConfig, key_dump
 from core.data.dataset import RecDataset
@@ -37,7 +39,6 @@ log = logging.getLogger("bench.quality")
 
 BASE = "base"  # the LLM without fine-tuning
 LLM_CELL_FORMAT = "dealrec-quality-llm-cell-v1"
-BOOTSTRAP_SAMPLES = 10_000
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -208,44 +209,21 @@ def label_of(metric: str) -> str:
 
 
 def per_user(cell: dict[str, Any], metric: str) -> np.ndarray:
+    """One value per test user, NaN where the user has none (no rank, no NLL)."""
     if metric in DENSE:
-        return np.array([u[metric] for u in cell["users"]], dtype=np.float64)
-    return np.array([u["metrics"][metric] for u in cell["users"]], dtype=np.float64)
+        values = [u.get(metric) for u in cell["users"]]
+    else:
+        values = [u["metrics"][metric] for u in cell["users"]]
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def has_metric(cell: dict[str, Any], metric: str) -> bool:
+    """Whether the cell recorded `metric` (cells from before a dense signal existed lack it for every
+    user; a user without a value of a recorded signal is left out where it is compared)."""
     users = cell["users"]
     if metric in DENSE:
-        return bool(users) and all(u.get(metric) is not None for u in users)
+        return any(u.get(metric) is not None for u in users)
     return bool(users) and "metrics" in users[0]
-
-
-Z_ONE_SIDED_95, Z_POWER_80 = 1.6449, 0.8416  # standard normal quantiles 0.95 and 0.80
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
-                     lower_is_better: bool = False) -> dict[str, float]:
-    """Mean of a - b over the same users, its 95% percentile interval from resampling users, and the
-    share of resamples in which a is not better than b (a one-sided bootstrap p-value for "a beats
-    b"; better = larger, or smaller with `lower_is_better`). `a` and `b` may be (seeds, users): the
-    users are resampled, each keeping all of its seeds (the seeds of one user are not independent).
-
-    "mde80": the smallest true difference these users would show at p < 0.05 (one-sided) four times
-    in five, from the spread of the per-user differences, (z 0.95 + z 0.80) * sd / sqrt(users): what a
-    non-significant row can and cannot rule out (sparse hit metrics on a thousand users detect only
-    large effects)."""
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError("paired samples need the same non-zero number of users")
-    diff = a - b
-    per_user_diff = diff.mean(axis=0) if diff.ndim == 2 else diff
-    rng = np.random.default_rng(seed)
-    means = per_user_diff[rng.integers(0, per_user_diff.size, size=(samples, per_user_diff.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    not_better = (means >= 0) if lower_is_better else (means <= 0)
-    spread = float(per_user_diff.std(ddof=1)) if per_user_diff.size > 1 else 0.0
-    return {"diff": float(per_user_diff.mean()), "ci95": [float(lo), float(hi)],
-            "p_not_better": float(not_better.mean()),
-            "mde80": (Z_ONE_SIDED_95 + Z_POWER_80) * spread / float(np.sqrt(per_user_diff.size))}
 
 
 def _metrics_of(results: dict[LLMCell, dict[str, Any]], cells: Sequence[LLMCell]) -> list[str]:
@@ -261,7 +239,7 @@ def summarize_llm(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str]
     rows = ([(BASE, [LLMCell(BASE, 0, 0)])] if with_base else []) + \
         [(m, [LLMCell(m, s, budget) for s in seeds]) for m in methods]
     for name, cells in rows:
-        out[name] = {k: mean_std(float(np.mean(per_user(results[c], k))) if k in DENSE else results[c]["metrics"][k]
+        out[name] = {k: mean_std(float(np.nanmean(per_user(results[c], k))) if k in DENSE else results[c]["metrics"][k]
                                  for c in cells) for k in _metrics_of(results, cells)}
     return out
 
@@ -275,8 +253,8 @@ def _same_users(cells: Sequence[dict[str, Any]]) -> None:
 def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
                 budget: int, reference: str) -> list[dict[str, Any]]:
     """Each other method against `reference` on the same test users: per seed (hits@K and the paired
-    bootstrap of R@20, N@20, R@50, the rank percentile and NLL), then pooled over the seeds (seed "all": each user's
-    difference averaged over the seeds, users resampled)."""
+    test of R@20, N@20, R@50, the rank percentile and NLL, bench/paired.py), then pooled over the seeds
+    (seed "all": each user's difference averaged over the seeds; hits summed over them)."""
     if reference not in methods:
         return []
     out = []
@@ -288,11 +266,11 @@ def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], 
             row: dict[str, Any] = {"a": other, "b": reference, "seed": seed, "budget": budget,
                                    "users": len(pairs[0][0]["users"])}
             for metric in metrics:
-                # (seeds in the group, users): the bootstrap resamples users, keeping their seeds together.
+                # (seeds in the group, users): users are resampled and sign-flipped with their seeds together.
                 xa = np.stack([per_user(a, metric) for a, _ in group])
                 xb = np.stack([per_user(b, metric) for _, b in group])
-                row[metric] = paired_bootstrap(xa, xb, seed=0 if seed == "all" else seed,
-                                               lower_is_better=metric in DENSE)
+                row[metric] = paired_test(xa, xb, seed=0 if seed == "all" else seed,
+                                          lower_is_better=metric in DENSE)
             if "recall@20" in metrics:
                 row.update({f"hits@{k}": [int(sum(u["target_rank"] is not None and u["target_rank"] < k
                                                   for pair in group for u in pair[j]["users"])) for j in (0, 1)]
@@ -309,8 +287,38 @@ def _fmt_row(row: dict[str, float]) -> str:
     return fmt_mean_std(row) if row["n"] > 1 else f"{row['mean']:.4f}"
 
 
-def _fmt_diff(d: dict[str, Any]) -> str:
-    return f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p {d['p_not_better']:.3f}"
+def _fmt_p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_diff(d: dict[str, Any], users: int) -> str:
+    fewer = f" ({d['users']} users)" if d.get("users", users) != users else ""
+    return f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p {_fmt_p(d['p'])}{fewer}"
+
+
+DECIDING = ("recall@20", "ndcg@20")  # the rule: p < ALPHA on either, and not worse on the NLL
+
+
+def decision_md(decisions: list[dict[str, Any]], label) -> list[str]:
+    """The decision rule's verdict per method, with what it rests on."""
+    if not decisions:
+        return []
+    ref = label(decisions[0]["reference"])
+    lines = ["", "## Decision", "",
+             (f"Rule (docs/RESULTS.md): a method beats {ref} where its pooled one-sided p is below {ALPHA} on "
+              f"R@20 or N@20 and its NLL is not worse (the one-sided p for \"worse\" is not below {ALPHA}). The "
+              f"Holm column applies the rule with the p-values adjusted over all {2 * len(decisions)} tests of this "
+              "table (methods x R@20/N@20). Seeds agree: the deciding metric's difference is positive in every "
+              "seed (the p-values treat the fine-tuning runs as given; this is how far the runs move it; - with "
+              "one seed)."), "",
+             f"| method | p R@20 | p N@20 | NLL not worse | beats {ref} | after Holm | seeds agree |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for d in decisions:
+        guard = "not checked" if d["guard_ok"] is None else ("yes" if d["guard_ok"] else "**no**")
+        lines.append(f"| {label(d['method'])} | {_fmt_p(d['p']['recall@20'])} | {_fmt_p(d['p']['ndcg@20'])} | "
+                     f"{guard} | {'**yes**' if d['beats'] else 'no'} | {'**yes**' if d['beats_holm'] else 'no'} | "
+                     f"{'-' if d['seeds_agree'] is None else 'yes' if d['seeds_agree'] else 'no'} |")
+    return lines
 
 
 def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, resumed: set[LLMCell], label) -> str:
@@ -349,10 +357,12 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
         lines.append(f"| {name} | " + " | ".join(_fmt_row(row[m]) if m in row else "-" for m in metrics) + " |")
     if comps:
         shown = [m for m in (*COMPARED, *DENSE) if m in comps[0]]
-        lines += ["", (f"Paired on the same test users, each method minus {label(comps[0]['b'])} (95% interval from "
-                       f"{BOOTSTRAP_SAMPLES:,} bootstrap resamples of the users; p = share of resamples in which the "
-                       "method is not better; seed \"all\" pools the seeds: each user's difference averaged over "
-                       "them):"), "",
+        lines += ["", (f"Paired on the same test users, each method minus {label(comps[0]['b'])}; a negative "
+                       "difference is better for Rank % and NLL, a positive one for Recall/NDCG. 95% interval from "
+                       f"{SAMPLES:,} bootstrap resamples of the users; p = one-sided paired sign-flip test "
+                       f"({SAMPLES:,} draws) of \"the method is better\"; seed \"all\" pools the seeds: each "
+                       "user's difference averaged over them, hits summed over them. Both treat each seed's "
+                       "fine-tuning run as given (per-seed rows show how far the runs move it):"), "",
                   "| method | seed | users | " + ("hits@20 | hits@50 | " if "recall@20" in shown else "")
                   + " | ".join(f"{label_of(m)} difference [95% CI], p" for m in shown) + " |",
                   "| --- | --- | --- |" + (" --- | --- |" if "recall@20" in shown else "") + " --- |" * len(shown)]
@@ -361,13 +371,14 @@ def llm_md(args, meta: dict[str, Any], budget: int, summary, results, comps, res
                 if "hits@20" in c else ""
             seed = "**all**" if c["seed"] == "all" else c["seed"]
             lines.append(f"| {label(c['a'])} | {seed} | {c['users']} | {hits}"
-                         + " | ".join(_fmt_diff(c[m]) for m in shown) + " |")
+                         + " | ".join(_fmt_diff(c[m], c["users"]) for m in shown) + " |")
         pooled = [c for c in comps if c["seed"] == "all"]
         if pooled and all("mde80" in c[m] for c in pooled for m in shown):
             lines += ["", ("Smallest difference each pooled comparison detects (p < 0.05 one-sided, 80% power, from "
                            "the spread of its per-user differences): "
                            + "; ".join(f"{label(c['a'])}: " + ", ".join(f"{label_of(m)} {c[m]['mde80']:.4f}"
                                                                         for m in shown) for c in pooled) + ".")]
+        lines += decision_md(decide(pooled, DECIDING, NLL), label)
     lines += ["", "## Cells", "",
               ("| row | seed | train samples | valid samples | epochs (best) | train loss first → last | "
                "valid loss best | fine-tune s (s/sample/epoch) | generate s (s/user) | this run |"),
@@ -457,6 +468,8 @@ def write_llm_reports(args, ds: RecDataset, out: Path, device, seeds, budgets, m
               "finetune": finetune_config(args, 0).model_dump(mode="json"),
               "evaluation": eval_config(args, None).model_dump(mode="json"),
               "summary": {str(b): s for b, s in summaries.items()}, "paired": {str(b): c for b, c in comps.items()},
+              "decision": {str(b): decide([r for r in c if r["seed"] == "all"], DECIDING, NLL)
+                           for b, c in comps.items()},
               "cells": [{k: v for k, v in r.items() if k != "users"} | {"from_cell_cache": c in resumed}
                         for c, r in results.items()]}
     atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode())

@@ -209,6 +209,11 @@ def test_llm_eval_mode_fine_tunes_each_selection_and_pairs_the_users(data_dir, t
     assert "--llm-eval" in table and "| Random | 0 | 9 |" in table and "| base LLM (no fine-tuning) |" in table
     assert "| Random | **all** | 9 |" in table and "NLL difference" in table and "Rank % difference" in table
     assert "Smallest difference each pooled comparison detects" in table
+    # The decision rule's verdict, in the report and its json.
+    assert "## Decision" in table and "| Random | " in table.split("## Decision")[1]
+    (verdict,) = report["decision"]["12"]
+    assert verdict["method"] == "random" and verdict["reference"] == "el2n"
+    assert verdict["beats"] == (min(verdict["p"].values()) < 0.05 and verdict["guard_ok"] is not False)
 
     assert quality.main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
@@ -225,34 +230,83 @@ def saved_cells(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "llm-cells").glob("*.json"))]
 
 
-def test_paired_bootstrap():
-    from bench.llm_level import paired_bootstrap
+def test_paired_test_interval_sign_flip_p_and_detectable_difference():
+    from bench.paired import paired_test
 
     a = np.array([1.0, 0.0, 1.0, 0.0])
     b = np.zeros(4)
-    res = paired_bootstrap(a, b, samples=2000)
-    assert res["diff"] == pytest.approx(0.5)
+    res = paired_test(a, b, samples=4000)
+    assert res["diff"] == pytest.approx(0.5) and res["users"] == 4 and res["per_seed"] == [0.5]
     assert 0.0 <= res["ci95"][0] <= 0.5 <= res["ci95"][1] <= 1.0
-    assert 0.0 < res["p_not_better"] < 0.2  # only resamples drawing no hit are not better
-    same = paired_bootstrap(a, a, samples=100)
-    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_not_better"] == 1.0
+    # Under the null the two hits flip sign independently: a mean >= 0.5 needs both positive (1 in 4);
+    # the bootstrap share on the wrong side of zero (1 in 16) would have claimed far more.
+    assert res["p"] == pytest.approx(0.25, abs=0.03)
+    assert res["p_worse"] == 1.0
+    same = paired_test(a, a, samples=100)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p"] == same["p_worse"] == 1.0
     with pytest.raises(ValueError, match="same"):
-        paired_bootstrap(a, np.zeros(3))
+        paired_test(a, np.zeros(3))
     # The smallest detectable difference: (z .95 + z .80) sd / sqrt(n); four times the users, half of it.
     assert res["mde80"] == pytest.approx((1.6449 + 0.8416) * np.std(a, ddof=1) / 2)
-    assert paired_bootstrap(np.tile(a, 4), np.zeros(16), samples=100)["mde80"] < res["mde80"] / 1.9
+    assert paired_test(np.tile(a, 4), np.zeros(16), samples=100)["mde80"] < res["mde80"] / 1.9
     assert same["mde80"] == 0.0
 
 
-def test_paired_bootstrap_pools_seeds_by_user_and_lower_is_better():
-    from bench.llm_level import paired_bootstrap
+def test_paired_test_p_matches_the_exact_sign_flip_distribution_and_is_never_zero():
+    import itertools
+
+    from bench.paired import paired_test
+
+    d = np.array([0.9, 0.4, -0.2, 0.7, 0.1])
+    null = [np.mean(np.array(signs) * d) for signs in itertools.product((-1, 1), repeat=d.size)]
+    exact = np.mean([m >= d.mean() - 1e-12 for m in null])
+    res = paired_test(d, np.zeros_like(d), samples=20_000)
+    assert res["p"] == pytest.approx(exact, abs=0.01)
+    big = paired_test(np.ones(200), np.zeros(200), samples=999)
+    assert big["p"] == pytest.approx(1 / 1000)  # (k + 1) / (B + 1): no draw is as extreme, still not 0
+
+
+def test_paired_test_pools_seeds_by_user_skips_missing_values_and_mirrors_lower_is_better():
+    from bench.paired import paired_test
 
     a = np.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # (seeds, users)
     b = np.zeros((2, 3))
-    res = paired_bootstrap(a, b, samples=2000)
+    res = paired_test(a, b, samples=2000)
     assert res["diff"] == pytest.approx(0.5)  # users' seed means 1, 0, 0.5
-    low = paired_bootstrap(-a, b, samples=2000, lower_is_better=True)  # lower NLL is better
-    assert low["diff"] == pytest.approx(-0.5) and low["p_not_better"] == pytest.approx(res["p_not_better"])
+    assert res["per_seed"] == pytest.approx([2 / 3, 1 / 3])
+    low = paired_test(-a, b, samples=2000, lower_is_better=True)  # lower NLL is better
+    assert low["diff"] == pytest.approx(-0.5) and low["p"] == res["p"] and low["p_worse"] == res["p_worse"]
+    # A user without a value in any seed (NaN) is left out of every seed.
+    gap = np.array([[1.0, np.nan, 1.0], [1.0, 0.0, 0.0]])
+    res = paired_test(gap, b, samples=200)
+    assert res["users"] == 2 and res["diff"] == pytest.approx(0.75) and res["per_seed"] == pytest.approx([1.0, 0.5])
+    with pytest.raises(ValueError, match="no user"):
+        paired_test(np.full(3, np.nan), np.zeros(3))
+
+
+def test_holm_adjustment_and_the_decision_rule():
+    from bench.paired import decide, holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # adjusted p never fall with a larger raw p
+
+    def row(method, p_r, p_n, nll_p_worse, seeds=(0.01, 0.02, 0.005)):
+        return {"a": method, "b": "random", "recall@20": {"p": p_r, "per_seed": list(seeds)},
+                "ndcg@20": {"p": p_n, "per_seed": list(seeds)}, "nll": {"p_worse": nll_p_worse}}
+
+    rows = [row("x", 0.004, 0.2, 0.5), row("y", 0.03, 0.3, 0.6), row("z", 0.01, 0.01, 0.001),
+            row("w", 0.6, 0.7, 0.5, seeds=(0.01, -0.02, 0.0))]
+    got = {d["method"]: d for d in decide(rows, ("recall@20", "ndcg@20"), "nll")}
+    assert got["x"]["beats"] and got["x"]["beats_holm"]  # 0.004 x 8 = 0.032
+    assert got["y"]["beats"] and not got["y"]["beats_holm"]  # significant alone, not in the family of 8
+    assert not got["z"]["beats"] and got["z"]["guard_ok"] is False  # better on R@20, worse on the NLL
+    assert not got["w"]["beats"] and not got["w"]["seeds_agree"] and got["x"]["seeds_agree"]
+    assert got["x"]["best_metric"] == "recall@20"
+    # Without the guard metric in the rows, the rule says so instead of passing it silently.
+    (only,) = decide([{k: v for k, v in rows[0].items() if k != "nll"}], ("recall@20", "ndcg@20"), "nll")
+    assert only["guard_ok"] is None and only["beats"]
+    (single,) = decide([row("x", 0.004, 0.2, 0.5, seeds=(0.01,))], ("recall@20", "ndcg@20"), "nll")
+    assert single["seeds_agree"] is None  # one seed: nothing to agree
 
 
 def test_llm_reports_compare_the_rank_percentile_only_where_every_cell_has_it():
@@ -274,7 +328,8 @@ def test_llm_reports_compare_the_rank_percentile_only_where_every_cell_has_it():
     new = {LLMCell("random", 0, 8): cell(3.0, rank=20.0), LLMCell("dealrec", 0, 8): cell(2.9, rank=10.0)}
     assert summarize_llm(new, ["random", "dealrec"], [0], 8, False)["random"]["rank_pct"]["mean"] == pytest.approx(22.5)
     (pooled,) = [c for c in comparisons(new, ["random", "dealrec"], [0], 8, "random") if c["seed"] == "all"]
-    assert pooled["rank_pct"]["diff"] == pytest.approx(-10.0) and pooled["rank_pct"]["p_not_better"] == 0.0
+    # Every user 10 points better: only the all-negative flip (1 in 64) is as extreme.
+    assert pooled["rank_pct"]["diff"] == pytest.approx(-10.0) and pooled["rank_pct"]["p"] < 0.03
 
 
 def test_variant_specs_build_their_config_and_keep_the_plain_keys():
