@@ -77,7 +77,7 @@ def test_a_record_left_behind_is_marked_invalid_and_its_quota_freed(svc):
         assert "upload the files again" in d["errors"][0]["message"], d
         assert d["validated_at"] is not None
         # It goes after DEALREC_JOB_TTL_S, as a finished job does, and its files at once.
-        assert 0 < svc.store.r.ttl(svc.store._dataset(rec.id)) <= int(svc.env.get("DEALREC_JOB_TTL_S", 604800))
+        assert 0 < svc.store.r.ttl(svc.store.dataset_key(rec.id)) <= int(svc.env.get("DEALREC_JOB_TTL_S", 604800))
         assert not _files(svc).dataset_dir(rec.id).exists()
     assert svc.quotas().storage("left") == (1, size)  # the running one still counts
     listed = {d["id"]: d["status"] for d in svc("GET", "/v1/datasets", tenant="left").json()["items"]}

@@ -34,7 +34,7 @@ def confirm_handoff(store: JobStore, job_id: str, token: str | None) -> bool:
     next task already started and cleared it): then nothing is written. True when marked."""
     if not token:
         return False
-    key = store._job(job_id)
+    key = store.job_key(job_id)
     with store.r.pipeline() as pipe:
         try:
             pipe.watch(key)

@@ -147,16 +147,18 @@ class JobStore:
         return cls(connect(settings.redis_url), settings.key_prefix, settings.job_ttl_s)
 
     # ---- keys ---------------------------------------------------------------------------------
+    # Public where the modules beside this one (quotas, handoffs, uploads) name them in their own
+    # scripts and transactions; the rest stay this class's own.
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    def _dataset(self, dataset_id: str) -> str:
+    def dataset_key(self, dataset_id: str) -> str:
         return self.key("dataset", dataset_id)
 
     def _dataset_jobs(self, dataset_id: str) -> str:
         return self.key("dataset", dataset_id, "jobs")
 
-    def _job(self, job_id: str) -> str:
+    def job_key(self, job_id: str) -> str:
         return self.key("job", job_id)
 
     def _events(self, job_id: str) -> str:
@@ -165,11 +167,11 @@ class JobStore:
     def _lock(self, job_id: str) -> str:
         return self.key("job", job_id, "lock")
 
-    def _index(self, tenant: str, kind: str) -> str:
+    def index_key(self, tenant: str, kind: str) -> str:
         return self.key("tenant", tenant, kind)
 
-    def _idem(self, tenant: str, idem_key: str) -> str:
-        return self.key("idem", tenant, hashlib.sha256(idem_key.encode()).hexdigest())
+    def idem_key(self, tenant: str, client_key: str) -> str:
+        return self.key("idem", tenant, hashlib.sha256(client_key.encode()).hexdigest())
 
     def _metrics(self, name: str) -> str:
         return self.key("metrics", name)
@@ -185,25 +187,25 @@ class JobStore:
         TenantQuotas(self, Limits()).admit_dataset(rec)
 
     def get_dataset(self, dataset_id: str, tenant: str | None = None) -> DatasetRecord | None:
-        rec = _load(DatasetRecord, self.r.hgetall(self._dataset(dataset_id)))
+        rec = _load(DatasetRecord, self.r.hgetall(self.dataset_key(dataset_id)))
         return rec if rec is not None and (tenant is None or rec.tenant == tenant) else None
 
     def update_dataset(self, dataset_id: str, *, allowed: Iterable[str] = (), status: str = "",
                        **fields: Any) -> bool:
         """Set fields (and status) if the dataset's status is in `allowed` (empty: any)."""
-        res, _ = self._update_if(keys=[self._dataset(dataset_id), self._metrics("datasets"), "", ""],
+        res, _ = self._update_if(keys=[self.dataset_key(dataset_id), self._metrics("datasets"), "", ""],
                                  args=[json.dumps(list(allowed)), status, json.dumps(_encode(fields)), 0, "", "0"])
         return res == "ok"
 
     def delete_dataset(self, tenant: str, dataset_id: str) -> str:
         """'deleted', 'busy' (a job uses it) or 'missing'."""
-        return self._delete_dataset(keys=[self._dataset(dataset_id), self._dataset_jobs(dataset_id),
-                                          self._index(tenant, "datasets"), self._index(tenant, "storage")],
+        return self._delete_dataset(keys=[self.dataset_key(dataset_id), self._dataset_jobs(dataset_id),
+                                          self.index_key(tenant, "datasets"), self.index_key(tenant, "storage")],
                                     args=[dataset_id, json.dumps(tenant)])
 
     def list_datasets(self, tenant: str, cursor: str | None = None, limit: int = 50
                       ) -> tuple[list[DatasetRecord], str | None]:
-        return self._page(self._index(tenant, "datasets"), DatasetRecord, self._dataset, cursor, limit, None)
+        return self._page(self.index_key(tenant, "datasets"), DatasetRecord, self.dataset_key, cursor, limit, None)
 
     # ---- jobs ---------------------------------------------------------------------------------
     def create_job(self, rec: JobRecord, idempotency_key: str | None = None, request_hash: str = ""
@@ -217,18 +219,18 @@ class JobStore:
         return admission.job, admission.created
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
-        rec = _load(JobRecord, self.r.hgetall(self._job(job_id)))
+        rec = _load(JobRecord, self.r.hgetall(self.job_key(job_id)))
         return rec if rec is not None and (tenant is None or rec.tenant == tenant) else None
 
     def list_jobs(self, tenant: str, status: str | None = None, cursor: str | None = None, limit: int = 50
                   ) -> tuple[list[JobRecord], str | None]:
-        return self._page(self._index(tenant, "jobs"), JobRecord, self._job, cursor, limit, status)
+        return self._page(self.index_key(tenant, "jobs"), JobRecord, self.job_key, cursor, limit, status)
 
     def update_job(self, job_id: str, *, allowed: Iterable[str], **fields: Any) -> bool:
         """Write fields only while the job's status is in `allowed`, so a worker that lost its job
         (cancelled, or taken over) cannot overwrite what happened since."""
         fields.setdefault("updated_at", utcnow().isoformat())
-        res, _ = self._update_if(keys=[self._job(job_id), self._metrics("jobs"), "", ""],
+        res, _ = self._update_if(keys=[self.job_key(job_id), self._metrics("jobs"), "", ""],
                                  args=[json.dumps(list(allowed)), "", json.dumps(_encode(fields)), 0, "", "0"])
         return res == "ok"
 
@@ -245,12 +247,13 @@ class JobStore:
         fields.setdefault("updated_at", now)
         if new in TERMINAL:
             fields.setdefault("finished_at", now)
-        dataset_id, tenant = (json.loads(v or "null") for v in self.r.hmget(self._job(job_id), "dataset_id", "tenant"))
+        dataset_id, tenant = (json.loads(v or "null")
+                              for v in self.r.hmget(self.job_key(job_id), "dataset_id", "tenant"))
         terminal = new in TERMINAL
         res, prev = self._update_if(  # a terminal job also leaves its tenant's quota (quotas.py)
-            keys=[self._job(job_id), self._metrics("jobs"),
+            keys=[self.job_key(job_id), self._metrics("jobs"),
                   self._dataset_jobs(dataset_id) if dataset_id else self.key("none"), self._events(job_id),
-                  self._index(tenant or "-", "active"), self._index(tenant or "-", "held")],
+                  self.index_key(tenant or "-", "active"), self.index_key(tenant or "-", "held")],
             args=[json.dumps(allowed), new, json.dumps(_encode(fields)), self.job_ttl_s if terminal else 0,
                   job_id if terminal else "", "1", require])
         if res == "missing":
@@ -307,7 +310,7 @@ class JobStore:
         return True
 
     def cancel_requested(self, job_id: str) -> bool:
-        return json.loads(self.r.hget(self._job(job_id), "cancel_requested") or "false") is True
+        return json.loads(self.r.hget(self.job_key(job_id), "cancel_requested") or "false") is True
 
     def record_stage_time(self, stage: str, seconds: float) -> None:
         with self.r.pipeline() as p:
@@ -455,10 +458,10 @@ class JobStore:
         return out
 
     def job_exists(self, job_id: str) -> bool:
-        return bool(self.r.exists(self._job(job_id)))
+        return bool(self.r.exists(self.job_key(job_id)))
 
     def dataset_exists(self, dataset_id: str) -> bool:
-        return bool(self.r.exists(self._dataset(dataset_id)))
+        return bool(self.r.exists(self.dataset_key(dataset_id)))
 
     # ---- test / maintenance -------------------------------------------------------------------
     def delete_all(self) -> int:

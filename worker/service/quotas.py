@@ -133,7 +133,7 @@ class TenantQuotas:
         differs); StoreError `not_found` / `dataset_not_ready` for the dataset. `announce`: write the
         job's first event ("job queued", saying whether it is held)."""
         s = self.store
-        idem_key = s._idem(rec.tenant, idempotency_key) if idempotency_key else s.key("idem", "-")
+        idem_key = s.idem_key(rec.tenant, idempotency_key) if idempotency_key else s.key("idem", "-")
         value = f"{rec.id} {request_hash}" if idempotency_key else ""
         first = held_event = ""
         if announce:
@@ -142,7 +142,7 @@ class TenantQuotas:
                 f"job queued; held until one of this tenant's {self.limits.running} jobs with the workers ends "
                 f"(DEALREC_TENANT_MAX_RUNNING: the most it may have with them at once)", queue=rec.queue, held=True)
         res = self._create_job(
-            keys=[s._job(rec.id), s._index(rec.tenant, "jobs"), s._dataset(rec.dataset_id),
+            keys=[s.job_key(rec.id), s.index_key(rec.tenant, "jobs"), s.dataset_key(rec.dataset_id),
                   s._dataset_jobs(rec.dataset_id), idem_key, s._metrics("jobs"), self._key(rec.tenant, "active"),
                   self._key(rec.tenant, "held"), self._dispatching, s._events(rec.id)],
             args=[rec.id, json.dumps(_dump(rec)), value, s.job_ttl_s, json.dumps(rec.tenant), self.limits.jobs,
@@ -248,7 +248,7 @@ class TenantQuotas:
         # A record to validate waits in the unsent set until its task is sent (worker/service/uploads.py).
         since = _now_ms() if rec.status == "validating" else ""
         status, value = self._create_dataset(
-            keys=[s._dataset(rec.id), s._index(rec.tenant, "datasets"), self._key(rec.tenant, "storage"),
+            keys=[s.dataset_key(rec.id), s.index_key(rec.tenant, "datasets"), self._key(rec.tenant, "storage"),
                   unsent_key(s)],
             args=[rec.id, json.dumps(_dump(rec)), size, self.limits.datasets, self.limits.bytes, since])
         if status == "datasets":

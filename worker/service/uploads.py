@@ -61,8 +61,8 @@ def sweep_abandoned(store: JobStore, files: Files, stale_s: float, limit: int = 
                                  "errors": [{"code": ABANDONED_CODE, "message": ABANDONED_MESSAGE}]}))
     abandoned = []
     for dataset_id in store.r.zrangebyscore(unsent_key(store), "-inf", cutoff, start=0, num=limit):
-        tenant = json.loads(store.r.hget(store._dataset(dataset_id), "tenant") or "null")
-        outcome = script(keys=[store._dataset(dataset_id), unsent_key(store),
+        tenant = json.loads(store.r.hget(store.dataset_key(dataset_id), "tenant") or "null")
+        outcome = script(keys=[store.dataset_key(dataset_id), unsent_key(store),
                                store.key("deliveries", validation_work(dataset_id)),
                                store.key("tenant", tenant or "-", "storage")],
                          args=[dataset_id, cutoff, fields, store.job_ttl_s])
