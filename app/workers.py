@@ -62,8 +62,11 @@ def children(celery_argv: list[str], procs: int | None, devices: list[str] | Non
 
 def supervise(kids: list[Child], poll_s: float = 1.0) -> int:
     """Start the children and wait: a stop signal is passed on to every child; a child that dies by
-    itself is started again (unless it keeps dying). Returns 0 after a requested stop."""
+    itself is started again (unless it keeps dying). Returns 0 after a requested stop, 1 when a child
+    kept dying and everything was stopped for it (so that a container's `restart: on-failure` or a
+    systemd unit sees a failure). The signal handlers it installs are undone on return."""
     stopping = False
+    gave_up = False
 
     def stop(signum, _frame) -> None:
         nonlocal stopping
@@ -72,25 +75,30 @@ def supervise(kids: list[Child], poll_s: float = 1.0) -> int:
             if kid.proc is not None and kid.proc.poll() is None:
                 kid.proc.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for kid in kids:
-        kid.start()
-    while True:
-        alive = [k for k in kids if k.proc is not None and k.proc.poll() is None]
-        if stopping and not alive:
-            return 0
-        if not stopping:
-            for kid in kids:
-                if kid.proc is not None and kid.proc.poll() is not None:
-                    now = time.monotonic()
-                    while kid.restarts and now - kid.restarts[0] > RESTART_WINDOW_S:
-                        kid.restarts.popleft()
-                    if len(kid.restarts) >= MAX_RESTARTS:
-                        log.error("worker %s keeps dying (exit code %s): stopping all", kid.name, kid.proc.returncode)
-                        stop(signal.SIGTERM, None)
-                        break
-                    log.warning("worker %s exited with %s: starting it again", kid.name, kid.proc.returncode)
-                    kid.restarts.append(now)
-                    kid.start()
-        time.sleep(poll_s)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for kid in kids:
+            kid.start()
+        while True:
+            alive = [k for k in kids if k.proc is not None and k.proc.poll() is None]
+            if stopping and not alive:
+                return 1 if gave_up else 0
+            if not stopping:
+                for kid in kids:
+                    if kid.proc is not None and kid.proc.poll() is not None:
+                        now = time.monotonic()
+                        while kid.restarts and now - kid.restarts[0] > RESTART_WINDOW_S:
+                            kid.restarts.popleft()
+                        if len(kid.restarts) >= MAX_RESTARTS:
+                            log.error("worker %s keeps dying (exit code %s): stopping all", kid.name,
+                                      kid.proc.returncode)
+                            gave_up = True
+                            stop(signal.SIGTERM, None)
+                            break
+                        log.warning("worker %s exited with %s: starting it again", kid.name, kid.proc.returncode)
+                        kid.restarts.append(now)
+                        kid.start()
+            time.sleep(poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

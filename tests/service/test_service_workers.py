@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from svc_helpers import wait_for
 
-from app.workers import children, parse_devices
+from app.workers import MAX_RESTARTS, Child, children, parse_devices, supervise
 
 
 def test_parse_devices():
@@ -33,6 +33,20 @@ def test_children_pin_a_device_or_one_thread_each():
     cpus = children(["worker", "-Q", "cpu"], 3, None, "box")
     assert [k.env["DEALREC_TORCH_THREADS"] for k in cpus] == ["1", "1", "1"]
     assert len({k.argv[-1] for k in cpus}) == 3 and cpus[0].argv[-1] == "cpu0@box"
+
+
+def test_a_child_that_keeps_dying_stops_the_supervisor_with_a_failure(tmp_path):
+    """A worker that cannot start (bad settings, a broken image) is restarted MAX_RESTARTS times, then
+    everything stops and the exit status says it failed, so a `restart: on-failure` policy or a
+    systemd unit sees it; the supervisor's signal handlers do not outlive it."""
+    starts = tmp_path / "starts"
+    dying = Child("cpu0", {}, [sys.executable, "-c", f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)"])
+    healthy = Child("cpu1", {}, [sys.executable, "-c", "import time; time.sleep(60)"])
+    before = signal.getsignal(signal.SIGTERM)
+    assert supervise([dying, healthy], poll_s=0.05) == 1
+    assert len(starts.read_text()) == MAX_RESTARTS + 1  # the first start and every restart
+    assert healthy.proc.poll() is not None  # stopped with it, not left behind
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_procs_start_that_many_workers_and_stop_together(service_env, store, tmp_path):
