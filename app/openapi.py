@@ -178,7 +178,8 @@ BINARY = {"type": "string", "format": "binary"}
 # /readyz answers anyone; a tenant's key or a metrics token adds the workers' identities.
 OPTIONAL_CREDENTIALS = {"security": [{}, {API_KEY_SCHEME.scheme_name: []}, {METRICS_TOKEN_SCHEME.scheme_name: []},
                                      {METRICS_ADMIN_TOKEN_SCHEME.scheme_name: []}]}
-READY: Responses = {503: error("Redis is unreachable or no worker is alive (`error.checks` says which)")}
+READY: Responses = {503: error("Redis is unreachable or no live worker consumes the cpu queue (`error.checks` "
+                               "says which)")}
 
 
 def beside_text(responses: Responses) -> Responses:

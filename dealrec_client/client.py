@@ -37,7 +37,7 @@ class Client:
         return self.jobs.create(dataset_id, **kw)
 
     def ready(self) -> bool:
-        """The service's /readyz: Redis answers and a worker is alive."""
+        """The service's /readyz: Redis answers and a worker on the cpu queue is alive."""
         try:
             self._transport.request("GET", "/readyz", retry=False)
             return True

@@ -246,6 +246,7 @@ class _Heartbeat:
         self.stop = threading.Event()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.thread: threading.Thread | None = None
+        self.queues: list[str] = []  # what this worker consumes, in its heartbeat (/readyz counts per queue)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="dealrec-heartbeat", daemon=True)
@@ -259,7 +260,7 @@ class _Heartbeat:
         next_storage_sweep = time.monotonic() + settings.storage_sweep_s
         while True:
             try:
-                store.worker_alive(self.name, settings.worker_heartbeat_s * 3)
+                store.worker_alive(self.name, settings.worker_heartbeat_s * 3, self.queues)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + settings.lock_ttl_s
                     requeue_stalled_jobs(store, settings, self.name)
@@ -285,8 +286,14 @@ class _Heartbeat:
 _heartbeat = _Heartbeat()
 
 
+def _consumed_queues(consumer: object) -> list[str]:
+    """The queue names a Celery worker consumes (its -Q), from the consumer `worker_ready` passes."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    return sorted({q.name for q in getattr(task_consumer, "queues", None) or ()})
+
+
 @worker_ready.connect
-def _on_ready(**_: object) -> None:
+def _on_ready(sender: object = None, **_: object) -> None:
     settings = get_settings()
     if settings.torch_threads:
         import torch
@@ -302,6 +309,7 @@ def _on_ready(**_: object) -> None:
     import worker.runner  # noqa: F401
     # The heartbeat is what makes the worker count as live (/readyz, `dealrec worker`, the tests): it starts
     # only once the worker can take a task, not while it still imports torch for seconds.
+    _heartbeat.queues = _consumed_queues(sender)
     _heartbeat.start()
     log.info("dealrec worker ready (data %s, cache %s)", settings.data_dir, settings.cache_root)
 

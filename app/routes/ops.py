@@ -33,6 +33,11 @@ router = APIRouter(tags=["operations"])
 class ReadyChecks(BaseModel):
     redis: bool = Field(description="Redis answered PING")
     workers: int = Field(description="workers with a fresh heartbeat")
+    queues: dict[str, int] = Field(description="queue -> live workers consuming it (a worker whose heartbeat "
+                                               "does not name its queues counts for each)")
+    unserved: list[str] = Field(description="queues no live worker consumes: `cpu` there means not ready (every "
+                                            "job and upload starts there); the LLM queue there "
+                                            "(DEALREC_LLM_QUEUE) means jobs that need the LLM wait")
     worker_ids: list[str] | None = Field(None, description="host:pid of each: only to a tenant's key or a "
                                                            "metrics token")
 
@@ -50,9 +55,12 @@ def healthz() -> dict:
 
 @router.get("/readyz", response_model=Readiness, responses=openapi.READY, openapi_extra=openapi.OPTIONAL_CREDENTIALS)
 def readyz(request: Request) -> JSONResponse:
-    """Redis answers PING and at least one worker's heartbeat key is fresh: `checks.redis` and
-    `checks.workers` (how many are alive); with a tenant's key or a metrics token also
-    `checks.worker_ids` (host:pid of each). A missing or unknown key is not an error here.
+    """Redis answers PING and a worker consuming the `cpu` queue has a fresh heartbeat (every upload
+    and job starts there): `checks.redis`, `checks.workers` (how many are alive), `checks.queues`
+    (how many consume each queue) and `checks.unserved` (queues no worker consumes: the LLM queue
+    there is ready with a warning, since only jobs that need the LLM wait); with a tenant's key or a
+    metrics token also `checks.worker_ids` (host:pid of each). A missing or unknown key is not an
+    error here.
 
     Not Celery's control.ping: its replies travel over Redis pub/sub, which kombu does not prefix
     with `global_keyprefix` (kombu#1494), so with our key prefix no worker ever answers; and a
@@ -60,19 +68,27 @@ def readyz(request: Request) -> JSONResponse:
     DEALREC_WORKER_HEARTBEAT_S from a thread of their own, busy or not."""
     ctx = get_ctx(request)
     checks: dict[str, object] = {}
-    workers: list[str] = []
+    consumed: dict[str, list[str] | None] = {}
     try:
         checks["redis"] = ctx.store.ping()
-        workers = ctx.store.live_workers()
+        consumed = ctx.store.worker_queues()
     except redis.RedisError as exc:
         checks["redis"] = False
         log.warning("readyz: redis: %s", exc)
+    workers = sorted(consumed)
+    queues = {q: sum(1 for names in consumed.values() if names is None or q in names) for q in QUEUES}
     checks["workers"] = len(workers)
+    checks["queues"] = queues
+    checks["unserved"] = [q for q in QUEUES if not queues[q]]
     if request.app.state.auth.is_identified(request.headers.get("authorization")):
         checks["worker_ids"] = workers
-    if checks["redis"] and workers:
+    if checks["redis"] and queues["cpu"]:
+        if not queues[ctx.settings.llm_queue]:
+            log.warning("readyz: no live worker consumes the %s queue (DEALREC_LLM_QUEUE): jobs that need the LLM "
+                        "wait", ctx.settings.llm_queue)
         return JSONResponse({"status": "ready", "checks": checks})
-    reason = "Redis is unreachable" if not checks["redis"] else "no worker is alive"
+    reason = ("Redis is unreachable" if not checks["redis"] else "no worker is alive" if not workers else
+              "no live worker consumes the cpu queue, where every upload and job starts")
     return JSONResponse(error_body("not_ready", reason, checks=checks), status_code=503)
 
 

@@ -31,8 +31,10 @@ def test_readyz_anonymous_gets_a_count_and_no_identities(client, worker):
         r = client.get("/readyz", headers=headers)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["status"] == "ready" and set(body["checks"]) == {"redis", "workers"}, body
+        assert body["status"] == "ready" and set(body["checks"]) == {"redis", "workers", "queues", "unserved"}, body
         assert body["checks"]["redis"] is True and body["checks"]["workers"] >= 1
+        # The session's worker consumes both queues (-Q cpu,gpu), as its heartbeat says.
+        assert body["checks"]["queues"]["cpu"] >= 1 and body["checks"]["unserved"] == [], body
         assert _worker_id(worker) not in r.text and "@" not in r.text
 
 
@@ -43,6 +45,45 @@ def test_readyz_names_the_workers_to_a_key_or_a_metrics_token(client, worker, wh
     checks = r.json()["checks"]
     assert checks["workers"] == len(checks["worker_ids"]) >= 1
     assert any(w.endswith(_worker_id(worker)) for w in checks["worker_ids"]), checks
+
+
+def test_readyz_counts_workers_per_queue_and_needs_one_on_cpu(client, worker, store):
+    """A heartbeat names the queues its worker consumes: /readyz counts them per queue; a worker of an
+    earlier version (a bare timestamp) counts for each. Without a live worker on `cpu`, where every
+    upload and job starts, the service is not ready, however many GPU workers are alive."""
+    before = client.get("/readyz").json()["checks"]["queues"]
+    gpu_only, legacy = "readyz-test-gpu:1", "readyz-test-legacy:2"
+    try:
+        store.worker_alive(gpu_only, 30, ["gpu"])
+        store.r.set(store.key("worker", legacy), "2026-01-01T00:00:00+00:00", px=30_000)
+        queues = client.get("/readyz").json()["checks"]["queues"]
+        assert queues == {"cpu": before["cpu"] + 1, "gpu": before["gpu"] + 2}, (before, queues)
+        assert store.worker_queues()[gpu_only] == ["gpu"] and store.worker_queues()[legacy] is None
+        store.r.delete(store.key("worker", legacy))
+        own = next(w for w in store.live_workers() if w.endswith(_worker_id(worker)))
+        with worker.paused():  # its heartbeat thread cannot rewrite the key meanwhile
+            store.worker_alive(own, 30, ["gpu"])
+            assert not [w for w, q in store.worker_queues().items() if q is None or "cpu" in q], \
+                "another worker consumes cpu: this test needs the session's worker to be the only one"
+            r = client.get("/readyz")
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert "cpu queue" in err["message"] and err["checks"]["unserved"] == ["cpu"], err
+    finally:
+        store.r.delete(store.key("worker", gpu_only), store.key("worker", legacy))
+    # Resumed, the worker's next heartbeat names both of its queues again.
+    assert wait_ready(client)
+
+
+def wait_ready(client, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------

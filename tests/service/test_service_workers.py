@@ -59,6 +59,8 @@ def test_procs_start_that_many_workers_and_stop_together(service_env, store, tmp
         wait_for(lambda: {"n": len(set(store.live_workers()) - before)}, lambda r: r["n"] >= 2, timeout=120,
                  interval=0.5)
         assert len(set(store.live_workers()) - before) == 2
+        # Each heartbeat names the queue its worker consumes (-Q cpu), taken from Celery's consumer.
+        assert [store.worker_queues().get(w) for w in set(store.live_workers()) - before] == [["cpu"], ["cpu"]]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)

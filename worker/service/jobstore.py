@@ -384,8 +384,10 @@ class JobStore:
     def job_lock(self, job_id: str, ttl_s: float) -> JobLock:
         return JobLock(self, self._lock(job_id), ttl_s)
 
-    def worker_alive(self, hostname: str, ttl_s: float) -> None:
-        self.r.set(self.key("worker", hostname), utcnow().isoformat(), px=int(ttl_s * 1000))
+    def worker_alive(self, hostname: str, ttl_s: float, queues: Iterable[str] = ()) -> None:
+        """The worker's heartbeat: its key lives `ttl_s`; the value says when and which queues it consumes."""
+        value = json.dumps({"at": utcnow().isoformat(), "queues": sorted(queues)})
+        self.r.set(self.key("worker", hostname), value, px=int(ttl_s * 1000))
 
     def worker_gone(self, hostname: str) -> None:
         self.r.delete(self.key("worker", hostname))
@@ -393,6 +395,22 @@ class JobStore:
     def live_workers(self) -> list[str]:
         start = len(self.key("worker", ""))
         return [k[start:] for k in self.r.scan_iter(match=self.key("worker", "*"), count=100)]
+
+    def worker_queues(self) -> dict[str, list[str] | None]:
+        """Live worker -> the queues it consumes (None: a heartbeat that does not say, from a worker of
+        an earlier version; it may consume any)."""
+        names = self.live_workers()
+        values = self.r.mget([self.key("worker", n) for n in names]) if names else []
+        out: dict[str, list[str] | None] = {}
+        for name, value in zip(names, values):
+            if value is None:  # expired between the scan and the read
+                continue
+            try:
+                queues = json.loads(value).get("queues")
+            except (ValueError, AttributeError):
+                queues = None
+            out[name] = list(queues) if isinstance(queues, list) and queues else None
+        return out
 
     def stalled_jobs(self, idle_s: float) -> list[JobRecord]:
         """Running jobs that no worker runs and no queue holds: no lock, no hand-off whose task was
