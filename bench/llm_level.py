@@ -269,8 +269,9 @@ def comparisons(results: dict[LLMCell, dict[str, Any]], methods: Sequence[str], 
                 # (seeds in the group, users): users are resampled and sign-flipped with their seeds together.
                 xa = np.stack([per_user(a, metric) for a, _ in group])
                 xb = np.stack([per_user(b, metric) for _, b in group])
-                row[metric] = paired_test(xa, xb, seed=0 if seed == "all" else seed,
-                                          lower_is_better=metric in DENSE)
+                # One draw seed for every row: a one-seed report's seed row and pooled row are the same
+                # data and must show the same numbers.
+                row[metric] = paired_test(xa, xb, seed=0, lower_is_better=metric in DENSE)
             if "recall@20" in metrics:
                 row.update({f"hits@{k}": [int(sum(u["target_rank"] is not None and u["target_rank"] < k
                                                   for pair in group for u in pair[j]["users"])) for j in (0, 1)]

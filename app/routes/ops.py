@@ -53,6 +53,22 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
+_unserved_llm_queue: str | None = None  # what was last logged, so that probes every few seconds log it once
+
+
+def _note_llm_queue(unserved: str | None) -> None:
+    """Log when the LLM queue loses its last worker (and when it has one again), not at every probe;
+    a server without any LLM (DEALREC_LLMS=none) never needs that queue."""
+    global _unserved_llm_queue
+    if unserved != _unserved_llm_queue:
+        if unserved:
+            log.warning("no live worker consumes the %s queue (DEALREC_LLM_QUEUE): jobs that need the LLM wait",
+                        unserved)
+        else:
+            log.info("the %s queue has a live worker again", _unserved_llm_queue)
+        _unserved_llm_queue = unserved
+
+
 @router.get("/readyz", response_model=Readiness, responses=openapi.READY, openapi_extra=openapi.OPTIONAL_CREDENTIALS)
 def readyz(request: Request) -> JSONResponse:
     """Redis answers PING and a worker consuming the `cpu` queue has a fresh heartbeat (every upload
@@ -83,9 +99,7 @@ def readyz(request: Request) -> JSONResponse:
     if request.app.state.auth.is_identified(request.headers.get("authorization")):
         checks["worker_ids"] = workers
     if checks["redis"] and queues["cpu"]:
-        if not queues[ctx.settings.llm_queue]:
-            log.warning("readyz: no live worker consumes the %s queue (DEALREC_LLM_QUEUE): jobs that need the LLM "
-                        "wait", ctx.settings.llm_queue)
+        _note_llm_queue(ctx.settings.llm_queue if ctx.llms and not queues[ctx.settings.llm_queue] else None)
         return JSONResponse({"status": "ready", "checks": checks})
     reason = ("Redis is unreachable" if not checks["redis"] else "no worker is alive" if not workers else
               "no live worker consumes the cpu queue, where every upload and job starts")

@@ -134,6 +134,11 @@ class WorkerProcess:
         and free a slot, so what is held and what is refused does not depend on timing."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
+        # kill() returns before the process has stopped: wait until it has (state T), so that nothing it
+        # was about to write (a heartbeat) lands after this point.
+        deadline = time.monotonic() + 10
+        while _proc_state(self.proc.pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.005)
         try:
             yield
         finally:
@@ -153,6 +158,14 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+def _proc_state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, T, ...); "" where /proc has none."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 @pytest.fixture(scope="session")
