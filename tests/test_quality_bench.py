@@ -397,3 +397,52 @@ def test_llm_breakdown_token_table_orders_cells_and_correlates():
     assert rows[0]["nll"] == pytest.approx(3.80)
     assert "Spearman correlation over the 3 cells: -1.00" in lines[2]
     assert token_table({("a", 0): cell(200.0, 3.7)})[1] == []  # too few cells for a correlation
+
+
+def _cells_module():
+    spec = importlib.util.spec_from_file_location("bench_cells", ROOT / "bench" / "cells.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cells_runner_plans_unfinished_cells_first_and_refuses_its_own_flags_after_the_separator(tmp_path):
+    cells = _cells_module()
+    (tmp_path / "llm-cells").mkdir()
+    (tmp_path / "llm-cells" / "el2n-seed1-b12-0123.partial.jsonl").write_text("{}\n")
+    jobs = cells.plan(["random", "el2n"], 2, ["12"], False, tmp_path)
+    assert [j.label() for j in jobs] == ["el2n-seed1-b12", "random-seed0-b12", "el2n-seed0-b12", "random-seed1-b12"]
+    assert jobs[0].argv(2) == ["--methods", "el2n", "--seeds", "2", "--budgets", "12", "--no-base", "--shard", "1/2"]
+    assert cells.plan(["random"], 1, ["12"], True, None)[0].label() == "base"
+    for bad in (["--methods", "random", "--", "--data", "d", "--seeds", "3"],
+                ["--methods", "random", "--", "--out", "o"]):
+        with pytest.raises(SystemExit):
+            cells.parse_args(bad)
+
+
+def test_cells_runner_runs_each_cell_in_its_own_process_then_the_report_and_resumes(data_dir, tmp_path):
+    """Two cell processes at a time over 2 methods x 2 seeds: every cell lands under OUT/llm-cells, the
+    report covers them all, and a rerun reads each back from the cell cache instead of recomputing."""
+    from tiny_llm import tiny_model_folder
+
+    cells = _cells_module()
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    llm = tiny_model_folder(tmp_path / "tiny-llm")
+    rest = ["--data", str(data_dir), "--llm", str(llm), "--epochs", "2", "--llm-epochs", "1", "--llm-batch-size", "4",
+            "--test-users", "6", "--num-beams", "1", "--max-new-tokens", "2", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    argv = ["--procs", "2", "--methods", "random,el2n", "--seeds", "2", "--budgets", "12", "--log-dir", str(logs),
+            "--", *rest]
+    assert cells.main(argv) == 0
+    saved = {p: p.stat().st_mtime_ns for p in (out / "llm-cells").glob("*.json")}
+    assert sorted(p.name.split("-b12-")[0] for p in saved) == ["el2n-seed0", "el2n-seed1", "random-seed0",
+                                                                 "random-seed1"]
+    report = json.loads((out / "llm.json").read_text())
+    assert report["seeds"] == [0, 1] and report["methods"] == ["random", "el2n"] and len(report["cells"]) == 4
+    assert sorted(p.name for p in logs.iterdir()) == ["el2n-seed0-b12.log", "el2n-seed1-b12.log",
+                                                      "random-seed0-b12.log", "random-seed1-b12.log"]
+
+    assert cells.main([*argv[:-len(rest) - 1], "--no-report", "--", *rest]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "llm-cells").glob("*.json")} == saved
+    assert all("[from cell cache]" in p.read_text() for p in logs.iterdir())
