@@ -196,3 +196,16 @@ def test_caching_the_dequantised_llm_twice_leaves_no_temporary_copy(tmp_path):
         _save_atomically(tiny_llama(len(tok)), tok, target)
     assert (target / "config.json").is_file()
     assert [p.name for p in target.parent.iterdir()] == ["key"]
+
+
+def test_transformers_gguf_bar_is_silenced_while_loading_and_restored_after():
+    """De-quantising a GGUF file draws transformers' own tqdm bar, which its progress switch does not
+    reach: it is disabled while load_base_model loads, and transformers is left as it was."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from core.effort.llm import _no_gguf_bar
+
+    original = gguf_utils.tqdm
+    with _no_gguf_bar():
+        assert gguf_utils.tqdm([1, 2], desc="Converting and de-quantizing GGUF tensors...").disable
+    assert gguf_utils.tqdm is original and not original([1, 2], disable=False).disable

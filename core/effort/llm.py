@@ -3,6 +3,7 @@ Hugging Face folder, or a GGUF file; then a seeded LoRA adapter as in the refere
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -105,6 +106,27 @@ def resolve_llm(llm: str, gguf_file: str | None = None) -> LLMSource:
                    "name one with --gguf-file")
 
 
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers de-quantises a GGUF file under a tqdm bar of its own (its progress-bar switch does
+    not reach it): silenced while we load, since our progress and logs already say "loading the LLM"
+    and the bar would cut through the CLI's own bar and the workers' logs."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: nothing to silence
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_base_model(source: LLMSource, cache_dir: Path | None = None):
     """Model (fp32, eval) and tokenizer. GGUF weights are de-quantised by transformers, which takes
     ~20-40 s for SmolLM2; the de-quantised copy is kept under `cache_dir` so later runs load it in
@@ -124,8 +146,9 @@ def load_base_model(source: LLMSource, cache_dir: Path | None = None):
     elif source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32, **kwargs)
+        with _no_gguf_bar():
+            tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise LLMError(f"cannot load the LLM from '{load_from}': {exc}") from exc
     if cached is not None and load_from != cached:
