@@ -312,13 +312,15 @@ def decision_md(decisions: list[dict[str, Any]], label) -> list[str]:
               "table (methods x R@20/N@20). Seeds agree: the deciding metric's difference is positive in every "
               "seed (the p-values treat the fine-tuning runs as given; this is how far the runs move it; - with "
               "one seed)."), "",
-             f"| method | p R@20 | p N@20 | NLL not worse | beats {ref} | after Holm | seeds agree |",
+             f"| method | p R@20 | p N@20 | NLL not worse | beats {ref} | after Holm | "
+             "seeds agree (per-seed difference) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for d in decisions:
         guard = "not checked" if d["guard_ok"] is None else ("yes" if d["guard_ok"] else "**no**")
         lines.append(f"| {label(d['method'])} | {_fmt_p(d['p']['recall@20'])} | {_fmt_p(d['p']['ndcg@20'])} | "
                      f"{guard} | {'**yes**' if d['beats'] else 'no'} | {'**yes**' if d['beats_holm'] else 'no'} | "
-                     f"{'-' if d['seeds_agree'] is None else 'yes' if d['seeds_agree'] else 'no'} |")
+                     f"{'-' if d['seeds_agree'] is None else 'yes' if d['seeds_agree'] else 'no'} "
+                     f"({label_of(d['best_metric'])}: {', '.join(f'{x:+.4f}' for x in d['per_seed'])}) |")
     return lines
 
 

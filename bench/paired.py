@@ -100,6 +100,6 @@ def decide(pooled: Sequence[dict[str, Any]], deciding: Sequence[str], guard: str
                     "guard": guard, "guard_ok": guard_ok,
                     "beats": bool(min(p.values()) < ALPHA and guard_ok is not False),
                     "beats_holm": bool(min(p_holm.values()) < ALPHA and guard_ok is not False),
-                    "best_metric": best,
+                    "best_metric": best, "per_seed": per_seed,
                     "seeds_agree": all(d > 0 for d in per_seed) if len(per_seed) > 1 else None})
     return out
