@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 QUALITY = ROOT / "bench" / "quality.py"
 OWN_FLAGS = ("--methods", "--seeds", "--budgets", "--shard", "--no-base", "--llm-eval")
 
@@ -94,17 +95,11 @@ def plan(methods: list[str], seeds: int, budgets: list[str], base: bool, out: Pa
     return sorted(jobs, key=lambda j: not started(j))  # stable: the order above otherwise
 
 
-def _out_dir(rest: list[str]) -> Path | None:
-    """OUT as bench/quality.py resolves it (for the journals' names), None where it cannot tell."""
-    for i, a in enumerate(rest):
-        if a == "--out" and i + 1 < len(rest):
-            return Path(rest[i + 1])
-        if a.startswith("--out="):
-            return Path(a.split("=", 1)[1])
-    for i, a in enumerate(rest):
-        if a == "--limit-users" and i + 1 < len(rest):
-            return ROOT / "bench" / "results" / f"quality-{rest[i + 1]}"
-    return ROOT / "bench" / "results" / "quality-all"
+def _out_dir(rest: list[str]) -> Path:
+    """OUT as bench/quality.py resolves it from the same arguments (for the journals' names)."""
+    from bench import quality
+
+    return quality.out_dir(quality.parse_args([*rest, "--llm-eval"]))
 
 
 def run(jobs: list[Job], seeds: int, rest: list[str], procs: int, log_dir: Path) -> list[Job]:

@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm_eval:
         return main_llm(args, ds, seeds, budgets, t0)
     ratio_budgets = [] if args.skip_ratio or not args.ratio_methods else _ratio_budgets(args, ds.n_samples)
-    out = _out_dir(args)
+    out = out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     cells = _cells_for(args.methods, seeds, budgets, ds.n_samples)
     cells += [Cell(m, s, b) for s in seeds for b in ratio_budgets for m in args.ratio_methods]
@@ -669,7 +669,8 @@ def _print_summary(summary: dict[str, dict[str, dict[str, float]]]) -> None:
                       for m, row in summary.items()}))
 
 
-def _out_dir(args: argparse.Namespace) -> Path:
+def out_dir(args: argparse.Namespace) -> Path:
+    """OUT: --out, else bench/results/quality-<limit-users or all>."""
     return Path(args.out) if args.out else ROOT / "bench" / "results" / f"quality-{args.limit_users or 'all'}"
 
 
@@ -677,7 +678,7 @@ def main_llm(args: argparse.Namespace, ds: RecDataset, seeds: list[int], budgets
     """--llm-eval: the LLM-level rows (bench/llm_level.py); selections from the surrogate-level cells."""
     from core.device import resolve_device
 
-    out = _out_dir(args)
+    out = out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     all_cells = llm_level.llm_cells(args.methods, seeds, budgets, with_base=not args.no_base and not args.nll_only)
     cells, sharded = _shard(all_cells, args.shard)

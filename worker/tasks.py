@@ -289,7 +289,7 @@ _heartbeat = _Heartbeat()
 def _consumed_queues(consumer: object) -> list[str]:
     """The queue names a Celery worker consumes (its -Q), from the consumer `worker_ready` passes."""
     task_consumer = getattr(consumer, "task_consumer", None)
-    return sorted({q.name for q in getattr(task_consumer, "queues", None) or ()})
+    return [q.name for q in getattr(task_consumer, "queues", None) or ()]
 
 
 @worker_ready.connect
