@@ -386,7 +386,7 @@ class JobStore:
 
     def worker_alive(self, hostname: str, ttl_s: float, queues: Iterable[str] = ()) -> None:
         """The worker's heartbeat: its key lives `ttl_s`; the value says when and which queues it consumes."""
-        value = json.dumps({"at": utcnow().isoformat(), "queues": sorted(queues)})
+        value = json.dumps({"at": utcnow().isoformat(), "queues": sorted(set(queues))})
         self.r.set(self.key("worker", hostname), value, px=int(ttl_s * 1000))
 
     def worker_gone(self, hostname: str) -> None:
